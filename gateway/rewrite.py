@@ -1,0 +1,147 @@
+"""Apply filters' edits to the raw message, bytes to bytes.
+
+The rule (DESIGN.md, rule 3): change the message as little as possible.
+Headers are added by prepending raw header lines; a removed header takes only
+its own lines with it; the Subject tag is inserted in place; only the body
+parts that get a banner are re-encoded (see :mod:`gateway.banner`), and every
+other byte goes out as it came.
+
+Every function here is pure: ``bytes -> bytes``.
+"""
+
+from __future__ import annotations
+
+import email.header
+from collections.abc import Iterable
+
+from filters.base import AddBanner, AddHeader, Edit, RemoveHeader, TagSubject
+
+CRLF = b"\r\n"
+
+
+def split_message(raw: bytes) -> tuple[bytes, bytes]:
+    """Split into (header block including its final CRLF, rest from the blank line).
+
+    ``header + rest == raw`` always holds.
+    """
+    if raw.startswith(CRLF):
+        return b"", raw
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return raw, b""
+    return raw[: end + 2], raw[end + 2 :]
+
+
+def header_fields(block: bytes) -> list[bytes]:
+    """Split a header block into fields, each with its continuation lines and CRLFs."""
+    fields: list[bytes] = []
+    for line in block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def field_name(raw_field: bytes) -> bytes:
+    return raw_field.split(b":", 1)[0].strip().lower()
+
+
+def _unfold_value(raw_field: bytes) -> str:
+    value = raw_field.split(b":", 1)[1] if b":" in raw_field else b""
+    return " ".join(value.decode("utf-8", "replace").split())
+
+
+def fold_header(name: str, value: str, width: int = 78) -> bytes:
+    """``Name: value`` folded at whitespace to about ``width`` columns, CRLF-ended.
+
+    Non-ASCII values are RFC 2047 encoded (UTF-8)."""
+    if any(ord(c) > 127 for c in value):
+        value = email.header.Header(value, "utf-8", header_name=name).encode()
+    value = " ".join(value.replace("\r", " ").replace("\n", " ").split())
+    words = value.split(" ")
+    lines: list[str] = []
+    current = f"{name}:"
+    for word in words:
+        if not word:
+            continue
+        if len(current) + 1 + len(word) > width and current.strip() != f"{name}:":
+            lines.append(current)
+            current = "\t" + word
+        else:
+            current += " " + word
+    lines.append(current)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def add_header(raw: bytes, name: str, value: str) -> bytes:
+    """Prepend a header field."""
+    return fold_header(name, value) + raw
+
+
+def remove_header(raw: bytes, name: str, contains: str | None = None) -> bytes:
+    """Remove ``name`` fields (optionally only those whose value contains ``contains``)."""
+    head, rest = split_message(raw)
+    lname = name.lower().encode()
+    needle = contains.lower() if contains else None
+    kept: list[bytes] = []
+    changed = False
+    for f in header_fields(head):
+        if field_name(f) == lname and (needle is None or needle in _unfold_value(f).lower()):
+            changed = True
+            continue
+        kept.append(f)
+    if not changed:
+        return raw
+    return b"".join(kept) + rest
+
+
+def _decoded(value: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+def tag_subject(raw: bytes, tag: str) -> bytes:
+    """Prefix the first Subject with ``tag``, once; add a Subject if there is none."""
+    head, rest = split_message(raw)
+    fields = header_fields(head)
+    for i, f in enumerate(fields):
+        if field_name(f) != b"subject":
+            continue
+        if tag.lower() in _decoded(_unfold_value(f)).lower():
+            return raw
+        colon = f.index(b":")
+        value = f[colon + 1 :]
+        stripped = value.lstrip(b" \t")
+        fields[i] = f[: colon + 1] + b" " + tag.encode("utf-8") + b" " + stripped
+        if stripped.startswith(CRLF) or not stripped.strip():
+            fields[i] = f[: colon + 1] + b" " + tag.encode("utf-8") + CRLF
+        return b"".join(fields) + rest
+    return fold_header("Subject", tag) + raw
+
+
+def apply_edits(raw: bytes, edits: Iterable[Edit]) -> bytes:
+    """Apply edits in order: removals, subject tag, banners, then added headers.
+
+    Added headers are prepended last, in the given order (so the first edit's
+    header ends up on top), which keeps them outside any re-encoded part.
+    """
+    edits = list(edits)
+    out = raw
+    for e in edits:
+        if isinstance(e, RemoveHeader):
+            out = remove_header(out, e.name, e.contains)
+    for e in edits:
+        if isinstance(e, TagSubject):
+            out = tag_subject(out, e.tag)
+    banners = [e for e in edits if isinstance(e, AddBanner)]
+    if banners:
+        from gateway.banner import add_banner
+
+        for b in banners:
+            out = add_banner(out, b)
+    for e in reversed([e for e in edits if isinstance(e, AddHeader)]):
+        out = add_header(out, e.name, e.value)
+    return out

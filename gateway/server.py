@@ -1,0 +1,559 @@
+"""The SMTP side: an aiosmtpd server that proxies each session to the next hop.
+
+* MAIL FROM and each RCPT TO are forwarded live (``relay.py``) and the next
+  hop's replies mirrored, so a refused recipient is refused at RCPT time.
+* DATA is read in large chunks (not line by line), with exact dot-unstuffing,
+  the size limit (552) and the smuggling rules: only ``<CRLF>.<CRLF>`` ends the
+  data, and data containing a bare CR or LF is refused (or normalised, per
+  ``gateway.bare_newlines``), so mailwarden never passes one on.
+* The message then goes through the pipeline; the client's reply to DATA is
+  the next hop's reply (relayed), 250 held (quarantined, after it is durable),
+  a 5xx refusal, or a 451.  Once the data is in, processing is shielded from
+  the client going away, so a transaction is never half done.
+* XFORWARD is accepted from ``trusted_networks`` peers only; ``max_sessions``
+  is enforced with a 421; STARTTLS when a certificate is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from filters.base import FilterContext
+from gateway import replies
+from gateway.config import Config, parse_hostport
+from gateway.message import Direction, Mail
+from gateway.pipeline import Pipeline, build_chain
+from gateway.relay import NextHopFailure, Relay
+
+log = logging.getLogger("mailwarden.server")
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+READ_CHUNK = 1 << 20
+END_OF_DATA = b"\r\n.\r\n"
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+def _xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+class GatewaySession(Session):
+    """Per-session state: the next-hop connection and XFORWARD attributes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.relay: Relay | None = None
+        self.xforward: dict[str, str] = {}
+        self.trusted_peer = False
+        self.peer_addr = ""
+        self.in_transaction = False
+        self.over_limit = False
+
+
+class State:
+    """What a reload swaps as a whole: the config and the chain built from it."""
+
+    def __init__(self, config: Config, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.networks = [
+            ipaddress.ip_network(n, strict=False) for n in config.gateway.trusted_networks
+        ]
+
+    def trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self.networks)
+
+    def is_internal(self, address: str) -> bool:
+        domain = address.rsplit("@", 1)[1].lower().rstrip(".") if "@" in address else ""
+        return any(
+            domain == d or domain.endswith("." + d) for d in self.config.gateway.internal_domains
+        )
+
+    def direction(self, client_addr: str, rcpt_tos: list[str]) -> Direction:
+        if not self.trusted(client_addr):
+            return Direction.INBOUND
+        if rcpt_tos and all(self.is_internal(r) for r in rcpt_tos):
+            return Direction.INTERNAL
+        return Direction.OUTBOUND
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's protocol engine with mailwarden's DATA reader, XFORWARD and limits."""
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.gateway = handler.gateway
+
+    def _create_session(self) -> Session:
+        return GatewaySession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # STARTTLS re-handshake on the same session
+        session = self.session
+        assert isinstance(session, GatewaySession)
+        peer = transport.get_extra_info("peername")
+        session.peer_addr = peer[0] if isinstance(peer, tuple) else ""
+        state = self.gateway.state
+        session.trusted_peer = state.trusted(session.peer_addr)
+        self.gateway.sessions.add(self)
+        if len(self.gateway.sessions) > state.config.gateway.max_sessions:
+            session.over_limit = True
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        if isinstance(session, GatewaySession) and session.relay is not None:
+            session.relay.close()
+        self.gateway.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        session = self.session
+        assert isinstance(session, GatewaySession)
+        if session.over_limit or self.gateway.closing:
+            hostname = self.hostname
+            msg = (
+                replies.SHUTTING_DOWN if self.gateway.closing else replies.TOO_MANY_SESSIONS
+            ).format(hostname)
+            log.warning("%s refused: %s", session.peer_addr, msg)
+            try:
+                await self.push(msg)
+            finally:
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        # An idle session is told why before it is closed.
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(replies.SESSION_TIMEOUT.format(self.hostname).encode() + b"\r\n")
+            except Exception:
+                pass
+        super()._timeout_cb()
+
+    # ---------------------------------------------------------------- XFORWARD
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        session = self.session
+        assert isinstance(session, GatewaySession)
+        if not session.trusted_peer:
+            await self.push(replies.XFORWARD_NOT_PERMITTED)
+            return
+        if session.in_transaction:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        if not arg:
+            await self.push(replies.XFORWARD_SYNTAX)
+            return
+        attrs: dict[str, str] = {}
+        for item in arg.split():
+            name, sep, value = item.partition("=")
+            name = name.upper()
+            if not sep or name not in XFORWARD_ATTRS:
+                await self.push(replies.XFORWARD_SYNTAX)
+                return
+            value = _xtext_decode(value)
+            if value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+                continue
+            if name == "ADDR" and value.upper().startswith("IPV6:"):
+                value = value[5:]
+            attrs[name] = value
+        session.xforward.update(attrs)
+        await self.push(replies.XFORWARD_OK)
+
+    # -------------------------------------------------------------------- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, problem = await self._read_data()
+        if problem is not None:
+            self._set_post_data_state()
+            await self._abort_transaction()
+            await self.push(problem)
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        # Processing may take as long as the chain and the next hop allow;
+        # the idle timer must not close the session meanwhile.
+        cfg = self.gateway.state.config.gateway
+        self._reset_timeout(cfg.filter_timeout + 2 * cfg.next_hop_timeout + 30)
+        try:
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            self._reset_timeout()
+            await self.push(status)
+        finally:
+            session = self.session
+            assert isinstance(session, GatewaySession)
+            session.in_transaction = False
+
+    async def _abort_transaction(self) -> None:
+        session = self.session
+        assert isinstance(session, GatewaySession)
+        session.in_transaction = False
+        session.xforward.clear()
+        if session.relay is not None:
+            await session.relay.rset()
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read DATA up to ``<CRLF>.<CRLF>`` in large chunks.
+
+        Returns (unstuffed content, None) or (b"", reply) for data that is
+        refused.  The search keeps a virtual CRLF in front so that an empty
+        message (``.`` on the first line) and a stuffed first line are handled
+        like any other line.  Bytes after the terminator (a pipelined next
+        command) are handed back to the reader.
+        """
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        buf = bytearray(b"\r\n")
+        start = 0
+        discarding = False
+        while True:
+            idx = buf.find(END_OF_DATA, start)
+            if idx >= 0:
+                break
+            if limit and not discarding and len(buf) > limit + 8:
+                discarding = True  # too big whatever comes: keep only a tail
+            if discarding:
+                del buf[:-4]
+            start = max(0, len(buf) - 4)
+            # read() takes everything buffered (the transport pauses long
+            # before the buffer reaches READ_CHUNK), so the reader is empty
+            # afterwards and leftovers can be fed back below in order.
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            buf += chunk
+            self._reset_timeout()
+        leftover = bytes(buf[idx + 5 :])
+        if leftover:
+            reader.feed_data(leftover)
+        if discarding:
+            return b"", replies.MESSAGE_TOO_BIG.format(limit)
+        del buf[idx + 2 :]
+        data = buf.replace(b"\r\n.", b"\r\n")
+        del buf
+        del data[:2]
+        if limit and len(data) > limit:
+            return b"", replies.MESSAGE_TOO_BIG.format(limit)
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            if self.gateway.state.config.gateway.bare_newlines == "reject":
+                log.warning("%s refused DATA with bare CR/LF", self.session.peer)
+                return b"", replies.BARE_NEWLINE
+            data = bytearray(re.sub(rb"\r\n|\r|\n", b"\r\n", data))
+        return bytes(data), None
+
+
+class Handler:
+    """aiosmtpd hooks: the per-session proxy logic."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle_EHLO(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope,
+        hostname: str, responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        await self._end_transaction(session)
+        lines = [r[4:] for r in responses if not r[4:].upper().startswith(("AUTH", "HELP"))]
+        lines += ["PIPELINING", "ENHANCEDSTATUSCODES"]
+        if session.trusted_peer:
+            lines.append("XFORWARD " + " ".join(XFORWARD_ATTRS))
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_HELO(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope, hostname: str
+    ) -> str:
+        session.host_name = hostname
+        await self._end_transaction(session)
+        return f"250 {server.hostname}"
+
+    async def _end_transaction(self, session: GatewaySession) -> None:
+        if session.in_transaction and session.relay is not None:
+            await session.relay.rset()
+        session.in_transaction = False
+
+    def _relay(self, session: GatewaySession) -> Relay:
+        if session.relay is None:
+            cfg = self.gateway.state.config.gateway
+            session.relay = Relay(
+                cfg.next_hop, timeout=cfg.next_hop_timeout, helo_name=cfg.hostname
+            )
+        return session.relay
+
+    def client_addr(self, session: GatewaySession) -> str:
+        if session.trusted_peer and session.xforward.get("ADDR"):
+            return session.xforward["ADDR"]
+        return session.peer_addr
+
+    async def handle_MAIL(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope,
+        address: str, mail_options: list[str],
+    ) -> str:
+        relay = self._relay(session)
+        xf = {
+            "ADDR": self.client_addr(session),
+            "NAME": session.xforward.get("NAME", ""),
+            "HELO": session.xforward.get("HELO", session.host_name or ""),
+            "PROTO": session.xforward.get("PROTO", "ESMTP" if session.extended_smtp else "SMTP"),
+            "SOURCE": session.xforward.get("SOURCE", ""),
+        }
+        options = self._mail_options(relay, mail_options)
+        try:
+            reply = await relay.mail(address, options, xf)
+        except NextHopFailure as exc:
+            log.warning("MAIL from %s: %s", session.peer_addr, exc.reason)
+            return exc.reply
+        if reply.startswith("2"):
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            envelope.smtp_utf8 = "SMTPUTF8" in (o.upper() for o in mail_options)
+            session.in_transaction = True
+        return reply
+
+    @staticmethod
+    def _mail_options(relay: Relay, options: list[str]) -> list[str]:
+        out = []
+        for opt in options:
+            key = opt.split("=", 1)[0].upper()
+            if key == "SIZE" and not relay.supports("size"):
+                continue
+            if key == "BODY" and not relay.supports("8bitmime"):
+                continue
+            out.append(opt)
+        return out
+
+    async def handle_RCPT(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope,
+        address: str, rcpt_options: list[str],
+    ) -> str:
+        relay = self._relay(session)
+        try:
+            reply = await relay.rcpt(address, rcpt_options)
+        except NextHopFailure as exc:
+            log.warning("RCPT from %s: %s", session.peer_addr, exc.reason)
+            return exc.reply
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return reply
+
+    async def handle_RSET(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope
+    ) -> str:
+        await self._end_transaction(session)
+        session.xforward.clear()
+        return "250 2.0.0 Ok"
+
+    async def handle_NOOP(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope, arg: str
+    ) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope
+    ) -> str:
+        if session.relay is not None:
+            await session.relay.quit()
+        return "221 2.0.0 Bye"
+
+    async def handle_DATA(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: Envelope
+    ) -> str:
+        state = self.gateway.state
+        content = envelope.content
+        assert isinstance(content, bytes)
+        client_addr = self.client_addr(session)
+        mail = Mail(
+            queue_id=new_queue_id(),
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            raw=content,
+            client_addr=client_addr,
+            client_name=session.xforward.get("NAME", ""),
+            helo=session.xforward.get("HELO", session.host_name or ""),
+            direction=state.direction(client_addr, envelope.rcpt_tos),
+            received=self.gateway.clock(),
+            mail_options=tuple(envelope.mail_options),
+        )
+        relay = self._relay(session)
+        session.xforward.clear()
+        # Once the data is in, finish the transaction even if the client goes
+        # away: a half-done transaction is how messages get lost or doubled.
+        task = asyncio.ensure_future(state.pipeline.process(mail, relay))
+        self.gateway.in_flight.add(task)
+        task.add_done_callback(self.gateway.in_flight.discard)
+        result = await asyncio.shield(task)
+        return result.reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("session error: %s", error)
+        return replies.LOCAL_ERROR
+
+
+class Gateway:
+    """The running gateway: listener, sessions, chain, store, reload and drain."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Any = None,
+        clock: Callable[[], datetime] | None = None,
+        dns_txt: Callable[..., Any] | None = None,
+        observers: list[Any] | None = None,
+    ) -> None:
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.store = store
+        self.dns_txt = dns_txt
+        self.observers = observers or []
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.gateway.workers, thread_name_prefix="mailwarden-worker"
+        )
+        self.sessions: set[GatewaySMTP] = set()
+        self.in_flight: set[asyncio.Future[Any]] = set()
+        self.closing = False
+        self.server: asyncio.base_events.Server | None = None
+        self.state = State(config, self._pipeline(config))
+        self.started = time.time()
+
+    def _pipeline(self, config: Config) -> Pipeline:
+        ctx = FilterContext(
+            hostname=config.gateway.hostname,
+            internal_domains=config.gateway.internal_domains,
+            executor=self.executor,
+            clock=self.clock,
+            max_message_size=config.gateway.max_message_size,
+            dns_txt=self.dns_txt,
+        )
+        return Pipeline(
+            config, build_chain(config, ctx), store=self.store, executor=self.executor,
+            clock=self.clock, observers=self.observers,
+        )
+
+    @property
+    def config(self) -> Config:
+        return self.state.config
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        gw = self.config.gateway
+        if not gw.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        return ctx
+
+    def _factory(self) -> GatewaySMTP:
+        gw = self.config.gateway
+        return GatewaySMTP(
+            Handler(self),
+            data_size_limit=gw.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=gw.hostname,
+            ident="mailwarden ESMTP",
+            tls_context=self._tls,
+            require_starttls=False,
+            timeout=gw.session_timeout,
+        )
+
+    async def start(self) -> tuple[str, int]:
+        host, port = parse_hostport(self.config.gateway.listen)
+        self._tls = self._tls_context()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._factory, host=host, port=port, backlog=512)
+        sock = self.server.sockets[0].getsockname()
+        log.info("listening on %s:%s, next hop %s, chain %s", sock[0], sock[1],
+                 self.config.gateway.next_hop, ",".join(self.config.chain) or "(empty)")
+        return sock[0], sock[1]
+
+    async def reload(self, config: Config) -> None:
+        """Swap in a new config and chain; sessions in flight keep the old one."""
+        old = self.state
+        if config.gateway.listen != old.config.gateway.listen:
+            log.warning("gateway.listen changed: takes effect on restart only")
+        self.state = State(config, self._pipeline(config))
+        self._tls = self._tls_context()
+        log.info("configuration reloaded; chain %s", ",".join(config.chain) or "(empty)")
+        # Let messages in flight finish on the old chain before closing it.
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=config.gateway.drain_timeout)
+        await old.pipeline.aclose()
+
+    async def stop(self) -> None:
+        """Stop accepting, let transactions in flight finish (bounded), close."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        deadline = asyncio.get_running_loop().time() + self.config.gateway.drain_timeout
+        # Idle sessions (no transaction under way) are told and closed now;
+        # sessions in a transaction get until the drain deadline.
+        while True:
+            busy = [s for s in self.sessions if _busy(s)]
+            for s in list(self.sessions):
+                if not _busy(s) and s.transport is not None and not s.transport.is_closing():
+                    try:
+                        s.transport.write(
+                            replies.SHUTTING_DOWN.format(s.hostname).encode() + b"\r\n"
+                        )
+                    except Exception:
+                        pass
+                    s.transport.close()
+            if not busy and not self.in_flight:
+                break
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("drain timeout: closing %d sessions in flight", len(busy))
+                break
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=5)
+        for s in list(self.sessions):
+            if s.transport is not None:
+                s.transport.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+        await self.state.pipeline.aclose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _busy(s: GatewaySMTP) -> bool:
+    session = s.session
+    return isinstance(session, GatewaySession) and session.in_transaction

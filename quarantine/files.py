@@ -1,0 +1,121 @@
+"""Quarantined message files: durable writes, owner-only modes, secure deletion.
+
+A message is written to a temporary file (created 0600 with O_EXCL), fsynced,
+renamed into place, and its directory fsynced, so that once
+:func:`write_durable` returns the bytes survive a crash or power loss.
+Directories are 0700.  Paths are built only from quarantine ids that
+:func:`check_id` accepts, never from message data, and always resolved inside
+the store root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z-]{0,63}$")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+class StorePathError(ValueError):
+    """A quarantine id or path that would leave the store."""
+
+
+def check_id(qid: str) -> str:
+    """Validate a quarantine id (CLI input, database values)."""
+    if not isinstance(qid, str) or not ID_RE.fullmatch(qid):
+        raise StorePathError(f"invalid quarantine id {qid!r}")
+    return qid
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0700; fix the mode if it exists."""
+    if not path.is_dir():
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if (path.stat().st_mode & 0o777) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def message_path(root: Path, relative: str) -> Path:
+    """Resolve a stored relative path, refusing anything outside ``root``."""
+    full = (root / relative).resolve()
+    base = root.resolve()
+    if base not in full.parents:
+        raise StorePathError(f"path {relative!r} escapes the store")
+    return full
+
+
+def write_durable(root: Path, relative: str, data: bytes) -> Path:
+    """Write ``data`` at ``root/relative`` durably (temp, fsync, rename, dir fsync)."""
+    final = message_path(root, relative)
+    parent = final.parent
+    # Create each level 0700 up from the root.
+    base = root.resolve()
+    for d in reversed([p for p in final.parents if p == base or base in p.parents]):
+        ensure_dir(d)
+    tmp = parent / f".{final.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return final
+
+
+def read_message(root: Path, relative: str) -> bytes:
+    return message_path(root, relative).read_bytes()
+
+
+def secure_delete(root: Path, relative: str) -> bool:
+    """Overwrite a message file with zeros, fsync, then unlink.  False if absent.
+
+    (On copy-on-write or journalling filesystems an overwrite is best effort;
+    the database side uses ``PRAGMA secure_delete``.)
+    """
+    path = message_path(root, relative)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        block = b"\0" * 65536
+        remaining = size
+        while remaining > 0:
+            n = os.write(fd, block[: min(remaining, len(block))])
+            remaining -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    _fsync_dir(path.parent)
+    return True

@@ -1,0 +1,62 @@
+"""Shared fixtures: a recording next hop, a gateway factory, real clamd and DNS."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.harness import Gateway, NextHop, test_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CORPUS = SHARED / "corpus"
+
+pytest_plugins = [
+    name
+    for name in ("tests.support.fx_clamd", "tests.support.fx_dns")
+    if importlib.util.find_spec(name) is not None
+]
+
+
+@pytest.fixture
+def corpus() -> Path:
+    """../shared/corpus, or a visible skip where it is absent (a user's fresh clone)."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not present at {CORPUS} (only in the project's CI)")
+    return CORPUS
+
+
+@pytest.fixture
+def next_hop() -> Iterator[NextHop]:
+    nh = NextHop()
+    yield nh
+    nh.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, next_hop: NextHop) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def factory(
+        chain: list[str] | tuple[str, ...] = (),
+        filters: dict[str, dict[str, Any]] | None = None,
+        gateway: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
+        dns_txt: Any = None,
+        next_hop_address: str | None = None,
+    ) -> Gateway:
+        cfg = test_config(
+            tmp_path, next_hop_address or next_hop.address, chain=chain, filters=filters,
+            gateway=gateway, store=store,
+        )
+        gw = Gateway(cfg, dns_txt=dns_txt)
+        started.append(gw)
+        return gw
+
+    yield factory
+    for gw in started:
+        gw.stop()

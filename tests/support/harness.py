@@ -1,0 +1,320 @@
+"""Real servers on loopback for the tests: a recording next hop and the gateway.
+
+Each runs its own asyncio loop in a background thread so that tests can use
+blocking real clients (smtplib, swaks) against them.  Ports are ephemeral.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import smtplib
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from gateway.config import Config, parse_config
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    xforward: dict[str, str] = field(default_factory=dict)
+    mail_options: list[str] = field(default_factory=list)
+
+
+class _RecordingSMTP(AioSMTP):
+    """aiosmtpd with XFORWARD support, for the next hop's side."""
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        xf = getattr(self.session, "xforward", {})
+        for item in (arg or "").split():
+            k, _, v = item.partition("=")
+            xf[k.upper()] = v
+        self.session.xforward = xf  # type: ignore[attr-defined]
+        await self.push("250 2.0.0 Ok")
+
+
+class NextHop:
+    """A recording SMTP server: the next hop the gateway relays to.
+
+    Failure injection: ``rcpt_replies`` (address -> reply), ``mail_reply``,
+    ``data_reply`` (reply to the end of data), ``drop_on_data`` (close the
+    connection instead of answering the end of data), ``delay`` (seconds before
+    answering the end of data), ``xforward`` (advertise XFORWARD).
+    """
+
+    def __init__(self, *, xforward: bool = True, port: int = 0) -> None:
+        self.messages: list[Received] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.drop_on_data = False
+        self.delay = 0.0
+        self.advertise_xforward = xforward
+        self.sessions = 0
+        self._lt = LoopThread("next-hop")
+        self._server: asyncio.base_events.Server | None = None
+        self.host = "127.0.0.1"
+        self.port = port
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        async def go() -> int:
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: _RecordingSMTP(
+                    _NextHopHandler(self), decode_data=False, enable_SMTPUTF8=True,
+                    hostname="nexthop.test", data_size_limit=None,
+                ),
+                host=self.host, port=self.port,
+            )
+            return self._server.sockets[0].getsockname()[1]
+
+        self.port = self._lt.call(go())
+
+    def stop_listening(self) -> None:
+        """Next hop down: close the listener (the port stays known)."""
+        async def go() -> None:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+                self._server = None
+
+        self._lt.call(go())
+
+    def stop(self) -> None:
+        self.stop_listening()
+        self._lt.close()
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[Received]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.messages
+
+
+class _NextHopHandler:
+    def __init__(self, nh: NextHop) -> None:
+        self.nh = nh
+
+    async def handle_EHLO(self, server: Any, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        self.nh.sessions += 1
+        if self.nh.advertise_xforward:
+            responses.insert(-1, "250-XFORWARD NAME ADDR PROTO HELO SOURCE")
+        return responses
+
+    async def handle_MAIL(self, server: Any, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if self.nh.mail_reply:
+            return self.nh.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        reply = self.nh.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.nh.delay:
+            await asyncio.sleep(self.nh.delay)
+        if self.nh.drop_on_data:
+            server.transport.close()
+            return "421 dropped"
+        if self.nh.data_reply:
+            return self.nh.data_reply
+        self.nh.messages.append(
+            Received(
+                envelope.mail_from or "",
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content or b""),
+                dict(getattr(session, "xforward", {})),
+                list(envelope.mail_options),
+            )
+        )
+        return f"250 2.0.0 Ok: queued as NH{len(self.nh.messages)}"
+
+
+def test_config(
+    tmp_path: Path,
+    next_hop: str,
+    *,
+    chain: Iterable[str] = (),
+    filters: Mapping[str, Mapping[str, Any]] | None = None,
+    gateway: Mapping[str, Any] | None = None,
+    store: Mapping[str, Any] | None = None,
+) -> Config:
+    """A Config for tests: port 0, temp store, the given chain."""
+    data: dict[str, Any] = {
+        "gateway": {
+            "listen": "127.0.0.1:0",
+            "next_hop": next_hop,
+            "hostname": "mailwarden.test",
+            "internal_domains": ["example.com"],
+            "next_hop_timeout": 5,
+            "drain_timeout": 5,
+            **(gateway or {}),
+        },
+        "store": {"path": str(tmp_path / "store"), "log_flush_interval": 0.05, **(store or {})},
+        "filters": {"chain": list(chain), **{k: dict(v) for k, v in (filters or {}).items()}},
+    }
+    return parse_config(data, "test-config.toml")
+
+
+class Gateway:
+    """The gateway, in-process, in its own loop thread, with a real store."""
+
+    def __init__(self, config: Config, *, dns_txt: Callable[..., Any] | None = None) -> None:
+        from gateway.server import Gateway as GatewayServer
+        from quarantine.store import Store
+
+        self.config = config
+        self.store_path = Path(config.store.path)
+        self._lt = LoopThread("gateway")
+
+        async def go() -> tuple[Any, Any, tuple[str, int]]:
+            store = await Store.open(
+                config.store.path, flush_interval=config.store.log_flush_interval
+            )
+            store.start_log_writer()
+            gw = GatewayServer(config, store=store, dns_txt=dns_txt)
+            addr = await gw.start()
+            return gw, store, addr
+
+        self.server, self.store, (self.host, self.port) = self._lt.call(go())
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return self._lt.call(coro, timeout)
+
+    def reload(self, config: Config) -> None:
+        self.call(self.server.reload(config))
+        self.config = config
+
+    def flush_log(self) -> None:
+        self.call(self.store.flush_log())
+
+    def stop(self) -> None:
+        async def go() -> None:
+            await self.server.stop()
+            await self.store.close()
+
+        try:
+            self._lt.call(go())
+        finally:
+            self._lt.close()
+
+    def smtp(self, timeout: float = 30) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, timeout=timeout)
+
+    def send(
+        self,
+        raw: bytes,
+        mail_from: str = "a@ext.test",
+        rcpt_tos: Iterable[str] = ("b@example.com",),
+        *,
+        xforward: Mapping[str, str] | None = None,
+        mail_options: Iterable[str] = (),
+    ) -> tuple[int, str]:
+        """Send one message; returns the reply to DATA (or the first failing reply)."""
+        with self.smtp() as s:
+            s.ehlo("client.test")
+            if xforward:
+                args = " ".join(f"{k}={v}" for k, v in xforward.items())
+                code, msg = s.docmd("XFORWARD", args)
+                if code != 250:
+                    return code, msg.decode()
+            code, msg = s.mail(mail_from, list(mail_options))
+            if code != 250:
+                return code, msg.decode()
+            accepted = 0
+            last = (0, b"")
+            for r in rcpt_tos:
+                last = s.rcpt(r)
+                if last[0] in (250, 251):
+                    accepted += 1
+            if not accepted:
+                return last[0], last[1].decode()
+            code, msg = s.data(raw)
+            return code, msg.decode()
+
+
+def make_message(
+    *,
+    subject: str = "hello",
+    body: str = "Hello,\nthis is a test message.\n",
+    attachments: Iterable[tuple[str, str, bytes]] = (),
+    from_: str = "Alice <a@ext.test>",
+    to: str = "Bob <b@example.com>",
+    headers: Mapping[str, str] | None = None,
+    html: str | None = None,
+) -> bytes:
+    """A well-formed message with CRLF line endings."""
+    attachments = list(attachments)
+    text = MIMEText(body, "plain", "utf-8")
+    if html is not None:
+        alt = MIMEMultipart("alternative")
+        alt.attach(text)
+        alt.attach(MIMEText(html, "html", "utf-8"))
+        text = alt
+    if attachments:
+        msg = MIMEMultipart("mixed")
+        msg.attach(text)
+        for name, ctype, data in attachments:
+            maintype, _, subtype = ctype.partition("/")
+            part = MIMEApplication(data, _subtype=subtype or "octet-stream")
+            if maintype != "application":
+                part.replace_header("Content-Type", ctype)
+            part.add_header("Content-Disposition", "attachment", filename=name)
+            msg.attach(part)
+    else:
+        msg = text
+    msg["From"] = from_
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain="ext.test")
+    for k, v in (headers or {}).items():
+        msg[k] = v
+    raw = msg.as_bytes()
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
