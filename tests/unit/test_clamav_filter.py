@@ -11,9 +11,7 @@ deadline bound the work; settings errors name the key; the clamd.conf check.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -43,7 +41,7 @@ from gateway import replies
 from gateway.config import ConfigError, build_settings
 from gateway.message import Direction, Mail
 from tests.support.clamd import TESTFILES, Clamd, virus_name_for_testfile
-from tests.support.eicar import EICAR_NAME, eicar
+from tests.support.eicar import EICAR_NAME, eicar, forwarded, zipped
 from tests.support.fake_clamd import FakeClamd
 
 # --------------------------------------------------------------------- helpers
@@ -60,29 +58,6 @@ def message(attachments: list[tuple[str, str, bytes]] = (), *, subject: str = "h
         maintype, _, subtype = ctype.partition("/")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
     return msg.as_bytes(policy=SMTP)
-
-
-def zipped(name: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(name, data)
-    return buf.getvalue()
-
-
-def forwarded(inner: bytes) -> bytes:
-    """A message carrying ``inner`` as a message/rfc822 attachment."""
-    msg = EmailMessage()
-    msg["From"] = "Carol <c@ext.test>"
-    msg["To"] = "Bob <b@example.com>"
-    msg["Subject"] = "Fwd: hi"
-    msg.set_content("Forwarded message attached.\n")
-    inner_msg = EmailMessage()
-    inner_msg.set_content(inner, maintype="message", subtype="rfc822")
-    msg.make_mixed()
-    msg.attach(inner_msg)
-    raw = msg.as_bytes(policy=SMTP)
-    assert b"message/rfc822" in raw
-    return raw
 
 
 def mail(raw: bytes) -> Mail:
