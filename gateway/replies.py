@@ -32,6 +32,7 @@ SESSION_TIMEOUT = "421 4.4.2 {} idle timeout, closing connection"
 # Permanent refusals of bad input.
 MESSAGE_TOO_BIG = "552 5.3.4 message size exceeds fixed limit ({} bytes)"
 BARE_NEWLINE = "550 5.5.2 message refused: bare CR or LF in message data (RFC 5321 2.3.8)"
+NUL_IN_DATA = "550 5.6.0 message refused: NUL character in message data"
 NO_VALID_RECIPIENTS = "554 5.5.1 no valid recipients"
 XFORWARD_NOT_PERMITTED = "550 5.7.0 XFORWARD not permitted from this client"
 XFORWARD_SYNTAX = "501 5.5.4 XFORWARD syntax error"

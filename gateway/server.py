@@ -63,6 +63,7 @@ class GatewaySession(Session):
         self.peer_addr = ""
         self.in_transaction = False
         self.over_limit = False
+        self.processing: asyncio.Future[Any] | None = None
 
 
 class State:
@@ -126,7 +127,13 @@ class GatewaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
         if isinstance(session, GatewaySession) and session.relay is not None:
-            session.relay.close()
+            relay = session.relay
+            if session.processing is not None and not session.processing.done():
+                # The message is being finished on the client's behalf: close the
+                # next-hop connection only once that transaction is complete.
+                session.processing.add_done_callback(lambda _f: relay.close())
+            else:
+                relay.close()
         self.gateway.sessions.discard(self)
         super().connection_lost(error)
 
@@ -273,11 +280,15 @@ class GatewaySMTP(SMTP):
         if limit and len(data) > limit:
             return b"", replies.MESSAGE_TOO_BIG.format(limit)
         crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        bare = data.count(b"\n") != crlf or data.count(b"\r") != crlf
+        nul = b"\0" in data
+        if bare or nul:
             if self.gateway.state.config.gateway.bare_newlines == "reject":
-                log.warning("%s refused DATA with bare CR/LF", self.session.peer)
-                return b"", replies.BARE_NEWLINE
-            data = bytearray(re.sub(rb"\r\n|\r|\n", b"\r\n", data))
+                log.warning("%s refused DATA with %s", self.session.peer_addr,
+                            "a bare CR/LF" if bare else "a NUL byte")
+                return b"", replies.BARE_NEWLINE if bare else replies.NUL_IN_DATA
+            # normalize: every line ending becomes CRLF, NULs are dropped.
+            data = bytearray(re.sub(rb"\r\n|\r|\n", b"\r\n", data).replace(b"\0", b""))
         return bytes(data), None
 
 
@@ -419,6 +430,7 @@ class Handler:
         # Once the data is in, finish the transaction even if the client goes
         # away: a half-done transaction is how messages get lost or doubled.
         task = asyncio.ensure_future(state.pipeline.process(mail, relay))
+        session.processing = task
         self.gateway.in_flight.add(task)
         task.add_done_callback(self.gateway.in_flight.discard)
         result = await asyncio.shield(task)

@@ -202,8 +202,21 @@ def test_config(
     return parse_config(data, "test-config.toml")
 
 
+class Recorder:
+    """A pipeline observer that keeps (mail, result) for every finished message."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[Any, Any]] = []
+
+    def message_done(self, mail: Any, result: Any) -> None:
+        self.results.append((mail, result))
+
+
 class Gateway:
-    """The gateway, in-process, in its own loop thread, with a real store."""
+    """The gateway, in-process, in its own loop thread, with a real store.
+
+    ``results`` lists (Mail, pipeline Result) for every message finished.
+    """
 
     def __init__(self, config: Config, *, dns_txt: Callable[..., Any] | None = None) -> None:
         from gateway.server import Gateway as GatewayServer
@@ -212,13 +225,15 @@ class Gateway:
         self.config = config
         self.store_path = Path(config.store.path)
         self._lt = LoopThread("gateway")
+        self.recorder = Recorder()
+        self.results = self.recorder.results
 
         async def go() -> tuple[Any, Any, tuple[str, int]]:
             store = await Store.open(
                 config.store.path, flush_interval=config.store.log_flush_interval
             )
             store.start_log_writer()
-            gw = GatewayServer(config, store=store, dns_txt=dns_txt)
+            gw = GatewayServer(config, store=store, dns_txt=dns_txt, observers=[self.recorder])
             addr = await gw.start()
             return gw, store, addr
 
