@@ -250,6 +250,10 @@ class Gateway:
         self.call(self.store.flush_log())
 
     def stop(self) -> None:
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+
         async def go() -> None:
             await self.server.stop()
             await self.store.close()
