@@ -48,26 +48,25 @@ class _Handler(socketserver.StreamRequestHandler):
         fake: FakeClamd = self.server.fake
         with fake._lock:
             fake.connections += 1
-            fake._active += 1
-            fake.max_concurrent = max(fake.max_concurrent, fake._active)
         try:
-            self._serve(fake)
+            command = self.rfile.readline(64).strip()
+            if command in (b"nPING", b"zPING\0"):
+                self.wfile.write(b"what?\n" if fake.mode == "garbage" else b"PONG\n")
+            elif command.startswith((b"nVERSION", b"zVERSION")):
+                self.wfile.write(VERSION)
+            elif command == b"nINSTREAM":
+                with fake._lock:
+                    fake._active += 1
+                    fake.max_concurrent = max(fake.max_concurrent, fake._active)
+                try:
+                    self._instream(fake)
+                finally:
+                    with fake._lock:
+                        fake._active -= 1
         except OSError:
             pass
-        finally:
-            with fake._lock:
-                fake._active -= 1
 
-    def _serve(self, fake: FakeClamd) -> None:
-        command = self.rfile.readline(64).strip()
-        if command in (b"nPING", b"zPING\0"):
-            self.wfile.write(b"what?\n" if fake.mode == "garbage" else b"PONG\n")
-            return
-        if command.startswith((b"nVERSION", b"zVERSION")):
-            self.wfile.write(VERSION)
-            return
-        if command != b"nINSTREAM":
-            return
+    def _instream(self, fake: FakeClamd) -> None:
         received = 0
         while True:
             header = self.rfile.read(4)
@@ -82,7 +81,14 @@ class _Handler(socketserver.StreamRequestHandler):
             received += len(self.rfile.read(size))
         fake.bytes_received += received
         if fake.mode == "silent":
-            fake._stop.wait()
+            # Hold the connection until the client gives up (EOF) or we stop.
+            self.connection.settimeout(0.05)
+            while not fake._stop.is_set():
+                try:
+                    if not self.connection.recv(1):
+                        return
+                except TimeoutError:
+                    continue
             return
         if fake.mode == "close":
             return
@@ -102,6 +108,8 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 class FakeClamd:
     """A fake clamd in a background thread; ``address`` is what the filter uses."""
+
+    #: ``max_concurrent``: most INSTREAM sessions open at the same time.
 
     def __init__(self, mode: str, *, tcp: bool = False) -> None:
         if mode not in (*ANSWERS, "silent", "close", "size_limit"):
