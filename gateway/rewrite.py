@@ -12,6 +12,7 @@ Every function here is pure: ``bytes -> bytes``.
 from __future__ import annotations
 
 import email.header
+import re
 from collections.abc import Iterable
 
 from filters.base import AddBanner, AddHeader, Edit, RemoveHeader, TagSubject
@@ -79,17 +80,55 @@ def add_header(raw: bytes, name: str, value: str) -> bytes:
     return fold_header(name, value) + raw
 
 
-def remove_header(raw: bytes, name: str, contains: str | None = None) -> bytes:
-    """Remove ``name`` fields (optionally only those whose value contains ``contains``)."""
+def _strip_comments(value: str) -> str:
+    """Drop leading CFWS comments ``(...)`` (nested, with quoted-pairs)."""
+    value = value.lstrip()
+    while value.startswith("("):
+        depth = 0
+        i = 0
+        while i < len(value):
+            ch = value[i]
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        value = value[i + 1 :].lstrip()
+    return value
+
+
+def first_token(value: str) -> str:
+    """The first token of a header value: after leading comments, up to ";",
+    whitespace or "(" (an Authentication-Results authserv-id, RFC 8601)."""
+    rest = _strip_comments(value)
+    m = re.match(r"[^;\s(]*", rest)
+    return m.group(0) if m else ""
+
+
+def remove_header(
+    raw: bytes, name: str, contains: str | None = None, token: str | None = None
+) -> bytes:
+    """Remove ``name`` fields (optionally only those whose value contains
+    ``contains``, or whose first token is ``token``; both case-insensitive)."""
     head, rest = split_message(raw)
     lname = name.lower().encode()
     needle = contains.lower() if contains else None
+    wanted = token.lower().rstrip(".") if token else None
     kept: list[bytes] = []
     changed = False
     for f in header_fields(head):
-        if field_name(f) == lname and (needle is None or needle in _unfold_value(f).lower()):
-            changed = True
-            continue
+        if field_name(f) == lname:
+            value = _unfold_value(f)
+            if (needle is None or needle in value.lower()) and (
+                wanted is None or first_token(value).lower().rstrip(".") == wanted
+            ):
+                changed = True
+                continue
         kept.append(f)
     if not changed:
         return raw
@@ -103,21 +142,36 @@ def _decoded(value: str) -> str:
         return value
 
 
+def _tag_bytes(tag: str) -> bytes:
+    """The tag as header bytes: RFC 2047 encoded when it is not ASCII."""
+    tag = " ".join(tag.split())
+    if tag.isascii():
+        return tag.encode("ascii")
+    return email.header.Header(tag, "utf-8").encode().encode("ascii")
+
+
 def tag_subject(raw: bytes, tag: str) -> bytes:
-    """Prefix the first Subject with ``tag``, once; add a Subject if there is none."""
+    """Prefix the first Subject with ``tag``, once; add a Subject if there is none.
+
+    The tag goes right after the colon; the old value (with its folding) follows,
+    so a subject whose first line is empty keeps its continuation lines."""
     head, rest = split_message(raw)
     fields = header_fields(head)
+    tag_b = _tag_bytes(tag)
     for i, f in enumerate(fields):
         if field_name(f) != b"subject":
             continue
-        if tag.lower() in _decoded(_unfold_value(f)).lower():
+        if " ".join(tag.split()).lower() in _decoded(_unfold_value(f)).lower():
             return raw
         colon = f.index(b":")
         value = f[colon + 1 :]
         stripped = value.lstrip(b" \t")
-        fields[i] = f[: colon + 1] + b" " + tag.encode("utf-8") + b" " + stripped
-        if stripped.startswith(CRLF) or not stripped.strip():
-            fields[i] = f[: colon + 1] + b" " + tag.encode("utf-8") + CRLF
+        if not stripped.strip():
+            fields[i] = f[: colon + 1] + b" " + tag_b + CRLF
+        elif stripped.startswith(CRLF):
+            fields[i] = f[: colon + 1] + b" " + tag_b + stripped
+        else:
+            fields[i] = f[: colon + 1] + b" " + tag_b + b" " + stripped
         return b"".join(fields) + rest
     return fold_header("Subject", tag) + raw
 
@@ -132,7 +186,7 @@ def apply_edits(raw: bytes, edits: Iterable[Edit]) -> bytes:
     out = raw
     for e in edits:
         if isinstance(e, RemoveHeader):
-            out = remove_header(out, e.name, e.contains)
+            out = remove_header(out, e.name, e.contains, e.first_token)
     for e in edits:
         if isinstance(e, TagSubject):
             out = tag_subject(out, e.tag)

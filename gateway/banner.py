@@ -1,0 +1,560 @@
+"""Insert the external-attachment warning banner into body parts, bytes to bytes.
+
+Policy clause: "extreme care with attachments from third parties, especially
+unidentified ones" -- the warning has to be visible where the reader looks, at
+the top of the message text.  DESIGN.md rule 3 (change the message as little
+as possible) decides *how*:
+
+* The message is never re-serialised.  The MIME tree is walked at the byte
+  level (our own boundary scan, RFC 2046 section 5.1.1), and only the byte
+  ranges of the parts that get a banner are replaced.  Every header, the
+  preamble and epilogue of every multipart, and every other part keep their
+  exact bytes.
+
+* Which parts get a banner -- the *body* parts a mail client shows as the
+  message text:
+
+  - a top-level ``text/plain`` or ``text/html`` body;
+  - in ``multipart/alternative``, every alternative (each is the top of the
+    message in some client);
+  - in ``multipart/related``, the root (first) part;
+  - in ``multipart/mixed`` and every other multipart, the first child that is
+    a body (a text part or a nested multipart); later text fragments (below
+    attachments) are not bannered, so the reader sees the warning once;
+  - never an attachment (``Content-Disposition: attachment`` or a file name),
+    never anything inside ``message/*`` (forwarded mail is an attachment) or
+    ``multipart/digest``, and never inside cryptographically signed or
+    encrypted content (``multipart/signed``, ``multipart/encrypted``,
+    ``application/pkcs7-mime``) or an inline-PGP text part: those are left
+    byte-for-byte alone and the warning is given by subject and header only.
+
+* A bannered part keeps its charset and its Content-Transfer-Encoding: it is
+  transfer-decoded, decoded with its charset (strictly), the banner is
+  spliced in, and it is encoded back the same way.  The only header a part
+  ever gets changed is Content-Transfer-Encoding, from 7bit (or none) to
+  quoted-printable, when the banner adds non-ASCII bytes to a 7bit part.
+  When the banner text cannot be written in the part's charset (say an em
+  dash in an ``iso-2022-jp`` part): HTML uses numeric character references
+  (exact), plain text uses an ASCII transliteration of the banner.
+* A part that cannot be decoded (unknown transfer encoding, bad base64, an
+  unknown charset, bytes that are not valid in the declared charset) keeps
+  its bytes.
+* HTML: the banner goes right after ``<body ...>`` (else after ``</head>``,
+  else after ``<html ...>``, else at the top), HTML-escaped and styled inline.
+  It starts with the invisible marker ``<!-- mailwarden-banner -->`` and the
+  ``div`` carries a ``data-mailwarden-banner`` attribute.
+* Idempotence: a part whose text at the insertion point already starts with
+  exactly the banner block we would insert is left alone, so a re-scanned or
+  looping message does not get a second banner.  Exact match (not just the
+  marker) means a sender cannot suppress the warning by planting the marker:
+  what is at the top is then our exact warning, or ours is added above.
+  Plain text carries no invisible marker (none survives every charset); its
+  exact block -- the wrapped text and a dashed rule -- is the marker.
+* Malformed MIME (no closing boundary, missing boundary, duplicate boundary
+  parameters, several Content-Type fields, a broken header block) never
+  raises: an ambiguous subtree is left untouched, and anything unexpected
+  returns the message unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import email.errors
+import email.parser
+import email.policy
+import html
+import logging
+import re
+import textwrap
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+
+from filters.base import AddBanner
+from gateway.message import part_filename
+
+log = logging.getLogger("mailwarden.banner")
+
+CRLF = b"\r\n"
+
+#: Bounds on the walk (bad input gets a clear answer, never a blow-up).
+MAX_DEPTH = 60
+MAX_PARTS = 5000
+
+#: Content that is cryptographically signed or encrypted: never altered.
+PROTECTED_TYPES = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+        "application/pkcs7-signature",
+        "application/x-pkcs7-signature",
+        "application/pgp-encrypted",
+        "application/pgp-signature",
+    }
+)
+
+#: Inline PGP inside a text part (clear-signed or encrypted): never altered.
+_INLINE_PGP = ("-----BEGIN PGP SIGNED MESSAGE-----", "-----BEGIN PGP MESSAGE-----")
+
+#: Inline style of the HTML banner: mail clients drop <style> blocks, not these.
+HTML_STYLE = (
+    "margin:0 0 16px 0;padding:10px 14px;border:2px solid #c0392b;"
+    "background-color:#fdecea;color:#1a1a1a;font-family:Arial,Helvetica,sans-serif;"
+    "font-size:14px;line-height:1.4;font-weight:bold;"
+)
+
+_BODY_TAG = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
+_HEAD_END = re.compile(r"</head\s*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<html\b[^>]*>", re.IGNORECASE)
+_DOCTYPE = re.compile(r"\A\ufeff?\s*<!doctype[^>]*>", re.IGNORECASE)
+
+_ASCII_PUNCTUATION = {
+    "\u2010": "-",
+    "\u2011": "-",
+    "\u2012": "-",
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2015": "-",
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201a": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u201e": '"',
+    "\u2026": "...",
+    "\u00a0": " ",
+    "\u00ab": '"',
+    "\u00bb": '"',
+    "\u00df": "ss",
+}
+
+
+class _Unexpected(Exception):
+    """The walk met something it will not guess about: leave that subtree alone."""
+
+
+class _Abort(Exception):
+    """Past the walk's bounds: leave the whole message alone."""
+
+
+#: Stands for a child part whose header block does not parse.
+_BROKEN = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """One MIME entity as byte offsets into the raw message.
+
+    ``start <= header_end <= body_start <= end``; ``raw[start:header_end]`` is
+    the header block (with its final CRLF, empty for a part without headers),
+    ``raw[body_start:end]`` the body.
+    """
+
+    start: int
+    header_end: int
+    body_start: int
+    end: int
+    headers: Message = field(compare=False, repr=False)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+
+# ------------------------------------------------------------------ byte-level walk
+
+
+def _parse_headers(block: bytes) -> Message:
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    msg = parser.parsebytes(block)
+    if any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
+        raise _Unexpected("header block has a line that is not a header")
+    if msg.get_payload():
+        raise _Unexpected("header block did not parse as headers only")
+    return msg
+
+
+def entity_at(raw: bytes, start: int, end: int) -> Entity | None:
+    """The entity occupying ``raw[start:end]``, or None when it has no body."""
+    if raw.startswith(CRLF, start, end):
+        header_end, body_start = start, start + 2
+        headers = Message()
+    else:
+        idx = raw.find(b"\r\n\r\n", start, end)
+        if idx < 0:
+            return None
+        header_end, body_start = idx + 2, idx + 4
+        headers = _parse_headers(raw[start:header_end])
+    return Entity(start, header_end, body_start, end, headers)
+
+
+def _boundary(headers: Message) -> str | None:
+    """The multipart boundary, or raise when it is ambiguous."""
+    ctypes = headers.get_all("Content-Type") or []
+    if len({" ".join(str(v).split()).lower() for v in ctypes}) > 1:
+        raise _Unexpected("several different Content-Type fields")
+    declared = {
+        v
+        for k, v in headers.get_params(failobj=[]) or []
+        if k.strip().lower().split("*")[0] == "boundary"
+    }
+    if len(declared) > 1 and len({str(v) for v in declared}) > 1:
+        raise _Unexpected("several different boundary parameters")
+    boundary = headers.get_boundary()
+    if not boundary or len(boundary) > 1000 or "\r" in boundary or "\n" in boundary:
+        return None
+    return boundary
+
+
+def split_multipart(raw: bytes, body_start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """Byte ranges of the body parts of a multipart body (RFC 2046 5.1.1).
+
+    A delimiter is ``--boundary`` at the start of a line, optionally followed
+    by ``--`` (the close delimiter) and transport padding, then CRLF; the CRLF
+    before it belongs to the delimiter.  Everything after the close delimiter
+    is epilogue.  Without a close delimiter the last part runs to ``end``.
+    """
+    pattern = re.compile(rb"--" + re.escape(boundary.encode("utf-8", "surrogateescape"))
+                         + rb"(--)?[ \t]*(?:\r\n|\Z)")
+    delims: list[re.Match[bytes]] = []
+    for m in pattern.finditer(raw, body_start, end):
+        s = m.start()
+        if s != body_start and raw[s - 2 : s] != CRLF:
+            continue
+        delims.append(m)
+        if m.group(1):
+            break
+    parts: list[tuple[int, int]] = []
+    for i, m in enumerate(delims):
+        if m.group(1):
+            break
+        start = m.end()
+        if i + 1 < len(delims):
+            stop = max(start, delims[i + 1].start() - 2)
+        else:
+            stop = end
+        parts.append((start, stop))
+    return parts
+
+
+@dataclass
+class _Walk:
+    raw: bytes
+    targets: list[Entity] = field(default_factory=list)
+    count: int = 0
+
+    def children(self, ent: Entity) -> Iterator[Entity | object]:
+        boundary = _boundary(ent.headers)
+        if boundary is None:
+            return
+        for start, stop in split_multipart(self.raw, ent.body_start, ent.end, boundary):
+            self.count += 1
+            if self.count > MAX_PARTS:
+                raise _Abort("too many MIME parts")
+            try:
+                child = entity_at(self.raw, start, stop)
+            except _Unexpected:
+                yield _BROKEN
+                continue
+            if child is not None:
+                yield child
+
+    def visit_child(self, child: Entity | object, depth: int) -> bool:
+        if not isinstance(child, Entity):
+            return True  # unknown content: treat as a body we must not touch
+        return self.visit(child, depth)
+
+    def visit(self, ent: Entity, depth: int) -> bool:
+        """Collect banner targets under ``ent``; True when ``ent`` is (or holds)
+        the message body, which ends the search in a multipart/mixed."""
+        if depth > MAX_DEPTH:
+            raise _Abort("MIME nesting too deep")
+        ctype = ent.content_type
+        if ctype in PROTECTED_TYPES:
+            return True  # the body, but signed/encrypted: no banner at all
+        maintype, _, subtype = ctype.partition("/")
+        if maintype == "multipart":
+            if _is_attachment(ent.headers):
+                return False
+            if subtype == "digest":
+                return False
+            try:
+                kids = self.children(ent)
+                if subtype == "alternative":
+                    found = False
+                    for child in kids:
+                        found = self.visit_child(child, depth + 1) or found
+                    return found
+                if subtype == "related":
+                    first = next(kids, None)
+                    return first is not None and self.visit_child(first, depth + 1)
+                for child in kids:
+                    if self.visit_child(child, depth + 1):
+                        return True
+                return False
+            except _Unexpected as exc:
+                log.debug("banner: leaving a multipart alone: %s", exc)
+                return True
+        if ctype in ("text/plain", "text/html") and not _is_attachment(ent.headers):
+            self.targets.append(ent)
+            return True
+        return False
+
+
+def _is_attachment(headers: Message) -> bool:
+    disposition = (headers.get("Content-Disposition") or "").split(";")[0].strip().lower()
+    return disposition == "attachment" or part_filename(headers) is not None
+
+
+# ------------------------------------------------------------------ transfer codings
+
+
+def _transfer_decode(body: bytes, cte: str) -> tuple[bytes, bytes] | None:
+    """(payload, trailing bytes to keep after the re-encoded body) or None."""
+    if cte in ("", "7bit", "8bit", "binary"):
+        return body, b""
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(body), b""
+    if cte == "base64":
+        stripped = re.sub(rb"[ \t\r\n]+", b"", body)
+        try:
+            payload = base64.b64decode(stripped, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        core = body.rstrip(b" \t\r\n")
+        return payload, body[len(core) :]
+    return None
+
+
+def qp_encode(data: bytes) -> bytes:
+    """Quoted-printable (RFC 2045 6.7) with CRLF hard breaks and 76-column lines.
+
+    Only CRLF is a line break: a bare CR or LF is encoded (=0D, =0A), so the
+    decoded bytes come back exactly.
+    """
+    out: list[bytes] = []
+    for line in data.split(CRLF):
+        tokens: list[bytes] = []
+        last = len(line) - 1
+        for i, byte in enumerate(line):
+            if (33 <= byte <= 126 and byte != 61) or (byte in (9, 32) and i != last):
+                tokens.append(bytes((byte,)))
+            else:
+                tokens.append(b"=%02X" % byte)
+        physical: list[bytes] = []
+        current = b""
+        for tok in tokens:
+            if len(current) + len(tok) > 75:
+                physical.append(current + b"=")
+                current = tok
+            else:
+                current += tok
+        physical.append(current)
+        out.append(CRLF.join(physical))
+    return CRLF.join(out)
+
+
+def b64_encode(data: bytes) -> bytes:
+    """Base64 in 76-column CRLF lines (no trailing line break)."""
+    encoded = base64.b64encode(data)
+    return CRLF.join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+
+
+def _transfer_encode(payload: bytes, cte: str) -> bytes:
+    if cte == "quoted-printable":
+        return qp_encode(payload)
+    if cte == "base64":
+        return b64_encode(payload)
+    return payload
+
+
+# ------------------------------------------------------------------ banner blocks
+
+
+def ascii_fallback(text: str) -> str:
+    """A plain-ASCII rendering of ``text`` (used when a charset cannot carry it)."""
+    text = "".join(_ASCII_PUNCTUATION.get(ch, ch) for ch in text)
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _lines(text: str) -> list[str]:
+    return textwrap.wrap(
+        " ".join(text.split()), 76, break_long_words=False, break_on_hyphens=False
+    ) or [""]
+
+
+def plain_block(text: str, nl: str = "\r\n") -> str:
+    """The text/plain banner: the wrapped warning, a dashed rule, a blank line."""
+    lines = _lines(text)
+    rule = "-" * min(76, max(20, max(len(x) for x in lines)))
+    return nl.join([*lines, rule, "", ""])
+
+
+def html_block(text: str, marker: str = "mailwarden-banner", nl: str = "\r\n") -> str:
+    """The text/html banner: marker comment plus an inline-styled, escaped div."""
+    safe_marker = re.sub(r"[^A-Za-z0-9_.-]", "", marker) or "mailwarden-banner"
+    body = nl.join(html.escape(line, quote=True) for line in _lines(text))
+    return (
+        f"<!-- {safe_marker} -->{nl}"
+        f'<div data-{safe_marker}="1" style="{HTML_STYLE}">{nl}{body}{nl}</div>{nl}'
+    )
+
+
+def _html_insert_at(text: str) -> int:
+    for pattern in (_BODY_TAG, _HEAD_END, _HTML_TAG, _DOCTYPE):
+        m = pattern.search(text)
+        if m:
+            return m.end()
+    return 1 if text.startswith("\ufeff") else 0
+
+
+def _newline(text: str) -> str:
+    if "\r\n" in text:
+        return "\r\n"
+    if "\n" in text:
+        return "\n"
+    return "\r\n"
+
+
+_BOM_CODECS = frozenset({"utf-16", "utf-32", "utf-8-sig"})
+
+
+def _replace_cte(header_block: bytes, new_cte: bytes) -> bytes:
+    """The header block with Content-Transfer-Encoding set to ``new_cte``."""
+    fields: list[bytes] = []
+    for line in header_block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    new_field = b"Content-Transfer-Encoding: " + new_cte + CRLF
+    out: list[bytes] = []
+    done = False
+    for f in fields:
+        if f.split(b":", 1)[0].strip().lower() == b"content-transfer-encoding":
+            if not done:
+                out.append(new_field)
+                done = True
+            continue
+        out.append(f)
+    if not done:
+        out.append(new_field)
+    return b"".join(out)
+
+
+def banner_part(raw: bytes, ent: Entity, banner: AddBanner) -> list[tuple[int, int, bytes]] | None:
+    """Replacements ``(start, end, bytes)`` that banner one text part.
+
+    ``[]`` when the part already starts with this banner; None when the part
+    cannot (or must not) be bannered, in which case it keeps its bytes.
+    """
+    headers = ent.headers
+    ctes = headers.get_all("Content-Transfer-Encoding") or []
+    if len({str(v).strip().lower() for v in ctes}) > 1:
+        return None
+    cte = str(ctes[0]).strip().lower() if ctes else ""
+    body = raw[ent.body_start : ent.end]
+    decoded = _transfer_decode(body, cte)
+    if decoded is None:
+        return None
+    payload, tail = decoded
+    charset = headers.get_content_charset() or "us-ascii"
+    try:
+        codec = codecs.lookup(charset).name
+        text = payload.decode(codec)
+    except (LookupError, UnicodeError, ValueError):
+        return None
+    if any(marker in text for marker in _INLINE_PGP):
+        return None
+    nl = _newline(text)
+    if ent.content_type == "text/html":
+        pos = _html_insert_at(text)
+        block = html_block(banner.text, banner.marker, nl)
+        block_bytes = block.encode(codec, "xmlcharrefreplace")
+    else:
+        pos = 1 if text.startswith("\ufeff") else 0
+        block = plain_block(banner.text, nl)
+        try:
+            block_bytes = block.encode(codec)
+        except UnicodeEncodeError:
+            block_bytes = plain_block(ascii_fallback(banner.text), nl).encode(codec, "replace")
+    if codec in _BOM_CODECS:
+        # A BOM codec would put a second BOM in front of the block: re-encode.
+        block_text = block_bytes.decode(codec)
+        if text[pos:].startswith(block_text):
+            return []
+        new_payload = (text[:pos] + block_text + text[pos:]).encode(codec)
+    else:
+        block_text = block_bytes.decode(codec)
+        if text[pos:].startswith(block_text):
+            return []
+        prefix = text[:pos].encode(codec)
+        if payload.startswith(prefix):
+            new_payload = prefix + block_bytes + payload[len(prefix) :]
+        else:
+            new_payload = (text[:pos] + block_text + text[pos:]).encode(codec)
+    new_cte = cte
+    edits: list[tuple[int, int, bytes]] = []
+    if cte in ("", "7bit") and not block_bytes.isascii():
+        new_cte = "quoted-printable"
+        header_block = raw[ent.start : ent.header_end]
+        edits.append((ent.start, ent.header_end, _replace_cte(header_block, b"quoted-printable")))
+    edits.append((ent.body_start, ent.end, _transfer_encode(new_payload, new_cte) + tail))
+    return edits
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def banner_targets(raw: bytes) -> list[Entity]:
+    """The body parts of ``raw`` that get a banner (see the module docstring).
+
+    Raises on malformed input; :func:`add_banner` turns that into "unchanged".
+    """
+    top = entity_at(raw, 0, len(raw))
+    if top is None:
+        return []
+    walk = _Walk(raw)
+    walk.visit(top, 0)
+    return walk.targets
+
+
+def add_banner(raw: bytes, banner: AddBanner) -> bytes:
+    """Insert ``banner`` at the top of every body text part of ``raw``.
+
+    Never raises: on anything unexpected the message comes back unchanged.
+    """
+    try:
+        targets = banner_targets(raw)
+        edits: list[tuple[int, int, bytes]] = []
+        for ent in targets:
+            try:
+                part_edits = banner_part(raw, ent, banner)
+            except Exception as exc:  # one odd part must not cost the others
+                log.debug("banner: part at %d left alone: %r", ent.start, exc)
+                part_edits = None
+            if part_edits:
+                edits.extend(part_edits)
+        if not edits:
+            return raw
+        edits.sort()
+        out: list[bytes] = []
+        cursor = 0
+        for start, end, data in edits:
+            if start < cursor:
+                raise _Unexpected("overlapping part ranges")
+            out.append(raw[cursor:start])
+            out.append(data)
+            cursor = end
+        out.append(raw[cursor:])
+        return b"".join(out)
+    except Exception as exc:
+        log.info("banner: message left unchanged: %r", exc)
+        return raw
