@@ -213,7 +213,9 @@ def check(ctx: click.Context) -> None:
     """Validate the config and reach everything the gateway needs.
 
     One line per check (config and chain, each filter's own checks such as
-    clamd PING/VERSION, the next hop's EHLO, the store); exit 1 if any fails.
+    clamd PING/VERSION/signature date, the next hop's EHLO, the store); exit 1
+    if any fails.  WARN lines (e.g. clamd.conf's StreamMaxLength below
+    gateway.max_message_size) do not change the exit status.
     """
     config = get_config(ctx)
     sys.exit(run(lambda: _check(config)))
@@ -261,6 +263,13 @@ async def _check(config: Config) -> int:
             results = [results]
         for good, text in results:
             line(good, f"{f.name}: {text}")
+        conf_check = getattr(f, "clamd_conf_check", None)
+        if conf_check is not None:
+            warning = conf_check()
+            if warning:
+                # Reported, not fatal: the operator decides (e.g. a remote clamd
+                # whose local clamd.conf is not the one in use).
+                click.echo(f"WARN {f.name}: {warning}")
         await f.aclose()
     relay = Relay(config.gateway.next_hop, timeout=10, helo_name=config.gateway.hostname)
     try:
