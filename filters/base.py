@@ -52,10 +52,14 @@ class AddHeader:
 @dataclass(frozen=True, slots=True)
 class RemoveHeader:
     """Remove every ``name`` header; with ``contains``, only those whose value
-    (unfolded, case-insensitive) contains that text."""
+    (unfolded, case-insensitive) contains that text; with ``first_token``, only
+    those whose value starts with that token (case-insensitive, after any
+    leading comments, followed by ";", whitespace or the end) -- e.g. the
+    authserv-id of an Authentication-Results field (RFC 8601 section 5)."""
 
     name: str
     contains: str | None = None
+    first_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
