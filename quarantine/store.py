@@ -22,13 +22,14 @@ records* (never a message).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pwd
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,31 @@ def canonical(obj: Any) -> str:
 
 def chain_hash(prev: str, payload: str) -> str:
     return hashlib.sha256((prev + "\n" + payload).encode("utf-8")).hexdigest()
+
+
+#: Keys of an erased log record's payload (see :func:`erased_record`).
+ERASED_KEYS = frozenset({"erased", "erased_at", "audit_seq"})
+
+
+def erased_record(when: str, audit_seq: int) -> str:
+    """The payload that replaces a log record erased at a data subject's request.
+
+    The row keeps its ``hash``; only its link to the previous row can no
+    longer be recomputed.  A verifier takes an erased row's stored hash as the
+    ``prev`` of the next row, so every other record stays verifiable (and the
+    erased row's hash is still bound into its successor's).  ``audit_seq``
+    names the audit row of the ``erase`` command that lists the erased seqs.
+    """
+    return canonical({"erased": True, "erased_at": when, "audit_seq": audit_seq})
+
+
+def is_erased(payload: str) -> bool:
+    """Whether a log row's stored record is an :func:`erased_record` tombstone."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and obj.get("erased") is True and set(obj) <= ERASED_KEYS
 
 
 def os_user() -> tuple[str, int]:
@@ -507,6 +533,37 @@ class Store:
         return int(seq or 0)
 
     # ------------------------------------------------------------------ meta
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the store's lock (ROLLBACK on error).
+
+        For code outside this class that changes several rows at once
+        (retention, review commands): the connection is shared with the log
+        writer and the quarantine writes, so every transaction takes the lock.
+        """
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def checkpoint(self) -> str:
+        """``PRAGMA wal_checkpoint(TRUNCATE)``: copy the WAL into the database
+        and truncate it, so deleted data does not linger in the WAL file.
+        Returns ``"truncated"``, or ``"busy"`` when a reader elsewhere kept the
+        WAL from being reset (the next checkpoint finishes the job)."""
+        async with self._lock:
+            async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+        return "busy" if row is None or row[0] else "truncated"
+
+    async def get_meta(self, key: str, default: str) -> str:
+        """A value from the ``meta`` table (e.g. the chain anchors)."""
+        return await self._meta(key, default)
 
     async def _meta(self, key: str, default: str) -> str:
         async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
