@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -227,8 +228,15 @@ class Pipeline:
         # for large messages.
         if len(content) > 256 * 1024 and any(not isinstance(e, AddHeader) for e in edits):
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, apply_edits, content, edits)
-        return apply_edits(content, edits)
+            out = await loop.run_in_executor(self.executor, apply_edits, content, edits)
+        else:
+            out = apply_edits(content, edits)
+        # Never emit a bare CR or LF, whatever an edit produced.
+        crlf = out.count(b"\r\n")
+        if out.count(b"\n") != crlf or out.count(b"\r") != crlf:
+            log.error("an edit produced bare CR/LF; normalising line ends")
+            out = re.sub(rb"\r\n|\r|\n", b"\r\n", out)
+        return out
 
     # --------------------------------------------------------------- records
 

@@ -151,20 +151,31 @@ class Relay:
         return await self._command(b"RCPT", *args)
 
     async def data(self, content: bytes) -> str:
-        """Send the message; returns the next hop's reply to pass back."""
+        """Send the message; returns the next hop's reply to pass back.
+
+        ``content`` must use CRLF line ends only (the DATA reader and the
+        rewriter guarantee it).  Dot-stuffing is one C-level ``replace`` here
+        instead of aiosmtplib's line-ending and period regexes, which cost
+        ~80 ms of CPU on a 6.7 MB message.
+        """
         client = self._client
-        if client is None or not client.is_connected:
+        if client is None or not client.is_connected or client.protocol is None:
             raise NextHopFailure(replies.NEXT_HOP_LOST, "next hop connection lost before DATA")
+        protocol = client.protocol
+        payload = stuff(content)
         try:
-            resp = await client.data(content)
-        except SMTPResponseException as exc:
-            if exc.code == 421:
-                self.close()
-                raise NextHopFailure(replies.NEXT_HOP_UNAVAILABLE, f"next hop said 421 {exc.message}") from None
-            return format_reply(exc.code, exc.message)
+            # No await between a write and read_response(), which marks the
+            # reply as expected, so a reply cannot be mistaken for unsolicited.
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=self.timeout)
+            if start.code != 354:
+                return self._mirror(start.code, start.message)
+            protocol.write(payload)
+            del payload
+            resp = await protocol.read_response(timeout=self.timeout)
         except (TimeoutError, SMTPException, OSError) as exc:
             raise self._fail(exc) from None
-        return format_reply(resp.code, resp.message)
+        return self._mirror(resp.code, resp.message)
 
     async def rset(self) -> None:
         """Abort the next hop's transaction (best effort: on failure, drop the connection)."""
@@ -188,6 +199,16 @@ class Relay:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def stuff(content: bytes) -> bytes:
+    """Dot-stuff a CRLF message and append the end-of-data line."""
+    out = content.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + b".\r\n"
 
 
 def _xtext(value: str) -> str:
