@@ -20,7 +20,9 @@ What a record holds (header-only, DESIGN rule 4)
     ``disposition``, ``reply`` (the SMTP reply given to the client, i.e. the
     next hop's reply for relayed mail), ``quarantine_id``, ``elapsed_ms`` and
     ``filter_ms``.  ``addresses`` (lower-case envelope and logged header
-    addresses) is popped by the store into its address index.
+    addresses) is popped by the store into its address index;
+    ``address_digest`` (see :func:`address_digest`) stays in the hashed record
+    so that the index is covered by the tamper-evidence chain too.
 
     ``check`` computes the attachment descriptions (SHA-256 included) in the
     thread pool while the other filters run; ``build_record`` only merges
@@ -180,6 +182,12 @@ def addresses(values: Iterable[str | None]) -> list[str]:
     return sorted(out)
 
 
+def address_digest(index: Iterable[str]) -> str:
+    """SHA-256 over the sorted, distinct index addresses (one per line): lets
+    ``mailwarden log verify`` prove the address index was not edited."""
+    return hashlib.sha256("\n".join(sorted(set(index))).encode("utf-8")).hexdigest()
+
+
 class HeaderLogFilter:
     """Switches the header-only log on; builds each message's record."""
 
@@ -265,9 +273,13 @@ class HeaderLogFilter:
         record["elapsed_ms"] = round(float(getattr(result, "elapsed", 0.0)) * 1000, 1)
         times = getattr(result, "filter_times", None) or {}
         record["filter_ms"] = {str(k): round(float(t) * 1000, 1) for k, t in times.items()}
-        record["addresses"] = addresses(
+        index = addresses(
             [mail.mail_from, *mail.rcpt_tos, *(logged_headers.get(k) for k in _ADDRESS_HEADERS)]
         )
+        # The store moves ``addresses`` into its index (outside the hashed
+        # record); the digest keeps that index under the chain's protection.
+        record["address_digest"] = address_digest(index)
+        record["addresses"] = index
         return record
 
     def _verdict(self, v: Verdict) -> dict[str, Any]:

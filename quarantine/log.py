@@ -19,6 +19,24 @@ row always chains from ``log_anchor`` and :func:`verify` needs nothing else.
 Deleting rows from the middle or the end of the log is not a purge and is
 reported as a break (the end only if the caller knows the expected count).
 
+The address index (``log_address``) lies outside the hashed record (the
+store pops ``addresses``), so each record carries ``address_digest``
+(``filters.header_log.address_digest``) and :func:`verify` recomputes it from
+the index: removing someone from the index is a break too.  The ``time``,
+``queue_id`` and ``direction`` columns (used to filter exports) must equal the
+record's values.
+
+Erasure (right to erasure) of single records, if ever done, must keep the
+row and its ``hash`` and replace ``record`` with a JSON object holding
+``"erased": true`` (plus who/when), deleting its ``log_address`` rows;
+:func:`verify` then takes that row's stored hash as given and names the
+erased rows in its report (an erased row is visible, never silent).
+
+Export and stats read the log in pages by ``seq`` (keyset pagination: constant
+memory, never the whole table at once), up to the last ``seq`` that existed
+when the command started, so an export is a well-defined set even while the
+gateway keeps appending.
+
 Dates on the command line
 -------------------------
 :func:`parse_when` (shared with the review commands): ISO 8601 date or
@@ -27,15 +45,34 @@ start of the day; ``--until`` with ``end=True`` is inclusive to the end of the
 day (the last microsecond), so callers compare ``time <= until``.
 """
 
+
 from __future__ import annotations
 
+import asyncio
+import csv
+import hashlib
+import io
+import json
 import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import click
 
+from filters.header_log import address_digest
+from quarantine.store import GENESIS, Store, canonical, chain_hash, iso
+
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+#: Rows fetched per query when reading the log.
+PAGE_SIZE = 2000
+
+DIRECTIONS = ("inbound", "outbound", "internal")
+
+
+# --------------------------------------------------------------------- dates
 
 
 def parse_when(text: str, end: bool = False) -> datetime:
@@ -91,4 +128,481 @@ def month_of(iso_time: str) -> str:
     return iso_time[:7]
 
 
-__all__ = ["When", "month_of", "parse_when"]
+# ------------------------------------------------------------------- reading
+
+
+class Row(NamedTuple):
+    """One stored log row."""
+
+    seq: int
+    time: str
+    queue_id: str
+    direction: str
+    record: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """Which records an export or stats run reads (all optional)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    address: str | None = None
+    direction: str | None = None
+    #: only records with ``seq <= up_to`` (fixed when the command starts)
+    up_to: int | None = None
+
+    def filters(self) -> dict[str, Any]:
+        """The filters as recorded in the audit row."""
+        return {
+            "since": iso(self.since) if self.since else None,
+            "until": iso(self.until) if self.until else None,
+            "address": self.address,
+            "direction": self.direction,
+        }
+
+    def _where(self, after: int) -> tuple[str, list[Any]]:
+        clauses = ["l.seq > ?"]
+        params: list[Any] = [after]
+        if self.up_to is not None:
+            clauses.append("l.seq <= ?")
+            params.append(self.up_to)
+        if self.since is not None:
+            clauses.append("l.time >= ?")
+            params.append(iso(self.since))
+        if self.until is not None:
+            clauses.append("l.time <= ?")
+            params.append(iso(self.until))
+        if self.direction is not None:
+            clauses.append("l.direction = ?")
+            params.append(self.direction)
+        if self.address is not None:
+            clauses.append("a.address = ?")
+            params.append(self.address.strip().lower())
+        return " AND ".join(clauses), params
+
+    def _from(self) -> str:
+        if self.address is not None:
+            # (address, seq) index: a keyset scan over one address's records
+            return "log_address a JOIN log l ON l.seq = a.seq"
+        return "log l"
+
+    def page_sql(self, after: int, limit: int) -> tuple[str, list[Any]]:
+        where, params = self._where(after)
+        sql = (
+            "SELECT l.seq, l.time, l.queue_id, l.direction, l.record, l.hash"
+            f" FROM {self._from()} WHERE {where} ORDER BY l.seq LIMIT ?"
+        )
+        return sql, [*params, limit]
+
+    def count_sql(self) -> tuple[str, list[Any]]:
+        where, params = self._where(0)
+        return f"SELECT count(*) FROM {self._from()} WHERE {where}", params
+
+
+async def _fetch(store: Store, sql: str, params: list[Any]) -> list[Row]:
+    async with store.db.execute(sql, params) as cur:
+        return [Row(*r) for r in await cur.fetchall()]
+
+
+async def iter_pages(
+    store: Store, query: LogQuery, page_size: int = PAGE_SIZE
+) -> AsyncIterator[list[Row]]:
+    """Yield the matching rows in ``seq`` order, one page at a time.
+
+    The next page is fetched (in aiosqlite's thread) while the caller works
+    on the current one; at most two pages are in memory.
+    """
+    after = 0
+    sql, params = query.page_sql(after, page_size)
+    pending = asyncio.ensure_future(_fetch(store, sql, params))
+    try:
+        while True:
+            page = await pending
+            if not page:
+                return
+            after = page[-1].seq
+            if len(page) < page_size:
+                pending = None
+                yield page
+                return
+            sql, params = query.page_sql(after, page_size)
+            pending = asyncio.ensure_future(_fetch(store, sql, params))
+            yield page
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+async def count(store: Store, query: LogQuery) -> int:
+    """How many records match (for the progress bar)."""
+    sql, params = query.count_sql()
+    async with store.db.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def last_seq(store: Store) -> int:
+    """The highest ``seq`` in the log (0 when empty)."""
+    async with store.db.execute("SELECT max(seq) FROM log") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+async def _meta(store: Store, key: str) -> str:
+    async with store.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+        row = await cur.fetchone()
+    return str(row[0]) if row else GENESIS
+
+
+# -------------------------------------------------------------- verification
+
+
+class VerifyResult(NamedTuple):
+    """``(ok, first_bad_seq, message)``."""
+
+    ok: bool
+    first_bad: int | None
+    message: str
+
+
+async def _index(store: Store, lo: int, hi: int) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    async with store.db.execute(
+        "SELECT seq, address FROM log_address WHERE seq >= ? AND seq <= ?", (lo, hi)
+    ) as cur:
+        for seq, address in await cur.fetchall():
+            out.setdefault(seq, []).append(address)
+    return out
+
+
+def _check_row(row: Row, prev: str, index: list[str]) -> tuple[str | None, bool]:
+    """Why ``row`` is bad (or None), and whether it is an erasure marker."""
+    try:
+        rec = json.loads(row.record)
+    except ValueError:
+        return "its record is not valid JSON", False
+    if not isinstance(rec, dict):
+        return "its record is not a JSON object", False
+    if rec.get("erased") is True:
+        return None, True
+    if chain_hash(prev, row.record) != row.hash:
+        return "its hash does not match its content and its predecessor's hash", False
+    for column in ("time", "queue_id", "direction"):
+        if rec.get(column, "") != getattr(row, column):
+            return f"its {column} column does not match the hashed record", False
+    digest = rec.get("address_digest")
+    if digest is not None and digest != address_digest(index):
+        return "its address index does not match the hashed record", False
+    return None, False
+
+
+async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
+    """Recompute the log's hash chain from ``meta.log_anchor``.
+
+    Returns ``(True, None, summary)`` or ``(False, seq, message)`` naming the
+    first bad record (seq, queue id, time) and how many records are bad in
+    all (after a break the check resumes from the stored hash, so one edit
+    counts once).
+    """
+    prev = await _meta(store, "log_anchor")
+    anchor = prev
+    first: Row | None = None
+    why = ""
+    bad = 0
+    checked = 0
+    erased: list[int] = []
+    lo = hi = None
+    prev_seq: int | None = None
+    async for page in iter_pages(store, LogQuery(), page_size):
+        index = await _index(store, page[0].seq, page[-1].seq)
+        for row in page:
+            reason, is_erased = _check_row(row, prev, index.get(row.seq, []))
+            if reason is None and prev_seq is not None and row.seq != prev_seq + 1:
+                # unreachable with an intact chain unless rows were removed
+                # *and* the hashes rewritten; report the gap anyway
+                reason = f"records seq {prev_seq + 1}..{row.seq - 1} are missing"
+            if reason is not None:
+                bad += 1
+                if first is None:
+                    first, why = row, reason
+            if is_erased:
+                erased.append(row.seq)
+            prev = row.hash
+            prev_seq = row.seq
+            checked += 1
+            lo = row.seq if lo is None else lo
+            hi = row.seq
+    if first is not None:
+        return VerifyResult(
+            False,
+            first.seq,
+            f"log chain broken at record seq {first.seq} (queue id {first.queue_id},"
+            f" time {first.time}): {why}; {bad} of {checked} records fail",
+        )
+    span = f" (seq {lo}..{hi})" if checked else ""
+    extra = f"; erased records: {', '.join(map(str, erased))}" if erased else ""
+    origin = "genesis" if anchor == GENESIS else f"anchor {anchor[:12]}..."
+    return VerifyResult(True, None, f"log chain intact: {checked} records{span} from {origin}{extra}")
+
+
+async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:
+    """Recompute the audit trail's hash chain from ``meta.audit_anchor``."""
+    prev = await _meta(store, "audit_anchor")
+    after = 0
+    checked = 0
+    first: tuple[int, str, str] | None = None
+    bad = 0
+    while True:
+        async with store.db.execute(
+            "SELECT seq, time, user, uid, command, targets, filters, reason, exceptional,"
+            " detail, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, page_size),
+        ) as cur:
+            rows = await cur.fetchall()
+        if not rows:
+            break
+        for seq, t, user, uid, command, targets, filters, reason, exceptional, detail, h in rows:
+            try:
+                payload = {
+                    "time": t,
+                    "user": user,
+                    "uid": uid,
+                    "command": command,
+                    "targets": json.loads(targets),
+                    "filters": json.loads(filters),
+                    "reason": reason,
+                    "exceptional": bool(exceptional),
+                    "detail": json.loads(detail),
+                }
+                good = chain_hash(prev, canonical(payload)) == h
+            except ValueError:
+                good = False
+            if not good:
+                bad += 1
+                if first is None:
+                    first = (seq, t, command)
+            prev = h
+            checked += 1
+            after = seq
+    if first is not None:
+        return VerifyResult(
+            False,
+            first[0],
+            f"audit chain broken at row seq {first[0]} (time {first[1]}, command"
+            f" {first[2]!r}); {bad} of {checked} rows fail",
+        )
+    return VerifyResult(True, None, f"audit chain intact: {checked} rows")
+
+
+# -------------------------------------------------------------------- export
+
+#: CSV columns, in order.  Lists are joined with "; " (attachment columns are
+#: parallel lists); ``verdicts`` reads ``filter:outcome (detail) key=value``.
+CSV_COLUMNS = (
+    "seq",
+    "time",
+    "queue_id",
+    "direction",
+    "client_addr",
+    "mail_from",
+    "rcpt_tos",
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "message_id",
+    "date",
+    "size",
+    "attachment_names",
+    "attachment_types",
+    "attachment_declared_types",
+    "attachment_sizes",
+    "attachment_sha256",
+    "personal",
+    "disposition",
+    "reply",
+    "quarantine_id",
+    "verdicts",
+    "elapsed_ms",
+    "hash",
+)
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell.  Text that a spreadsheet would run as a formula gets a
+    leading apostrophe (CSV injection); the JSONL export is the exact form."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value if value.startswith(_FORMULA_START) else value
+    if isinstance(value, int | float):
+        return str(value)
+    return _cell(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _join(values: list[Any]) -> str:
+    return "; ".join("" if v is None else str(v) for v in values)
+
+
+def _verdict_text(v: dict[str, Any]) -> str:
+    text = f"{v.get('filter', '?')}:{v.get('outcome', '?')}"
+    if v.get("detail"):
+        text += f" ({v['detail']})"
+    for k, val in v.items():
+        if k in ("filter", "outcome", "detail"):
+            continue
+        if isinstance(val, str):
+            text += f" {k}={val}"
+        else:
+            text += f" {k}={json.dumps(val, ensure_ascii=False, separators=(',', ':'))}"
+    return text
+
+
+def csv_row(row: Row) -> list[str]:
+    """One log row flattened to :data:`CSV_COLUMNS`."""
+    rec = json.loads(row.record)
+    atts = [a for a in rec.get("attachments") or () if isinstance(a, dict)]
+    values: dict[str, Any] = {
+        **rec,
+        "seq": row.seq,
+        "hash": row.hash,
+        "rcpt_tos": _join(rec.get("rcpt_tos") or []),
+        "attachment_names": _join([a.get("name") for a in atts]),
+        "attachment_types": _join([a.get("type") for a in atts]),
+        "attachment_declared_types": _join([a.get("declared_type") for a in atts]),
+        "attachment_sizes": _join([a.get("size") for a in atts]),
+        "attachment_sha256": _join([a.get("sha256") for a in atts]),
+        "verdicts": "; ".join(
+            _verdict_text(v) for v in rec.get("verdicts") or () if isinstance(v, dict)
+        ),
+    }
+    return [_cell(values.get(c)) for c in CSV_COLUMNS]
+
+
+def jsonl_line(row: Row) -> str:
+    """One log row as a JSON object: ``seq``, ``hash``, then the stored record
+    (spliced, not re-encoded: the record text is exactly what was hashed)."""
+    head = f'{{"seq":{row.seq},"hash":"{row.hash}"'
+    body = row.record.strip()
+    if body.startswith("{") and body != "{}":
+        return head + "," + body[1:] + "\n"
+    return head + "}\n"
+
+
+class ExportResult(NamedTuple):
+    rows: int
+    sha256: str
+    bytes: int
+
+
+async def export(
+    store: Store,
+    query: LogQuery,
+    fmt: str,
+    out: BinaryIO,
+    progress: Callable[[int], None] | None = None,
+    page_size: int = PAGE_SIZE,
+) -> ExportResult:
+    """Stream the matching records to ``out`` as csv (header row first) or
+    jsonl; returns the row count and the SHA-256 of the bytes written."""
+    digest = hashlib.sha256()
+    written = 0
+    rows = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        digest.update(data)
+        out.write(data)
+        written += len(data)
+
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\r\n")
+        writer.writerow(CSV_COLUMNS)
+        emit(buf.getvalue().encode("utf-8"))
+    async for page in iter_pages(store, query, page_size):
+        if fmt == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\r\n")
+            writer.writerows(csv_row(r) for r in page)
+            chunk = buf.getvalue()
+        else:
+            chunk = "".join(jsonl_line(r) for r in page)
+        emit(chunk.encode("utf-8"))
+        rows += len(page)
+        if progress is not None:
+            progress(len(page))
+    out.flush()
+    return ExportResult(rows, digest.hexdigest(), written)
+
+
+# --------------------------------------------------------------------- stats
+
+
+class StatsRow(NamedTuple):
+    month: str
+    address: str
+    messages: int
+    personal: int
+
+
+#: In canonical JSON (sorted keys, no spaces, ``"`` escaped inside strings)
+#: this text can only be a key/value pair, never part of a header value.
+_PERSONAL = '"personal":true'
+
+
+async def stats(store: Store, query: LogQuery, page_size: int = PAGE_SIZE) -> list[StatsRow]:
+    """Per-address monthly counts of messages and of personal messages.
+
+    Counts only: a record counts once for every address in its index
+    (envelope sender and recipients, logged From/To/Cc).  Memory grows with
+    the number of distinct (address, month) pairs, not with the log.
+    """
+    counts: dict[tuple[str, str], list[int]] = {}
+    only = query.address.strip().lower() if query.address else None
+    async for page in iter_pages(store, query, page_size):
+        index = await _index(store, page[0].seq, page[-1].seq)
+        for row in page:
+            month = month_of(row.time)
+            personal = _PERSONAL in row.record
+            for address in set(index.get(row.seq, ())):
+                if only is not None and address != only:
+                    continue
+                c = counts.setdefault((month, address), [0, 0])
+                c[0] += 1
+                if personal:
+                    c[1] += 1
+    return [StatsRow(m, a, c[0], c[1]) for (m, a), c in sorted(counts.items())]
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DIRECTIONS",
+    "ExportResult",
+    "LogQuery",
+    "Row",
+    "StatsRow",
+    "VerifyResult",
+    "When",
+    "count",
+    "csv_row",
+    "export",
+    "iter_pages",
+    "jsonl_line",
+    "last_seq",
+    "month_of",
+    "parse_when",
+    "stats",
+    "verify",
+    "verify_audit",
+]

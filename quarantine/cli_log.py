@@ -1,0 +1,322 @@
+"""``mailwarden log export|verify|stats``: the auditors' commands.
+
+Policy: monitoring data is shared internally only on reasonable grounds and
+every read of it is recorded.  Each export and stats run writes an audit row
+(OS user, filters, format, destination) *before* any data is read for output;
+an export writes a second row, ``log export done``, with the number of rows,
+the SHA-256 of the bytes written and whether it completed (so an interrupted
+export is visible as such).  ``verify`` reads only hashes and shows no data,
+so it is not audited.
+
+Exit status: 0 success, 1 failure (store unusable, output not writable, a
+broken chain), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiosqlite
+import click
+
+from gateway.cli import config_option, get_config
+from gateway.config import Config
+from quarantine import log as logmod
+from quarantine.store import Store, StoreError
+
+
+def _run(fn: Callable[[], Any]) -> int:
+    return asyncio.run(fn())
+
+
+def _err(message: str) -> None:
+    click.echo(f"mailwarden: {message}", err=True)
+
+
+async def _open_store(config: Config) -> Store | None:
+    try:
+        return await Store.open(config.store.path, create=False)
+    except StoreError as exc:
+        _err(str(exc))
+        return None
+
+
+def _query(since: datetime | None, until: datetime | None, address: str | None,
+           direction: str | None) -> logmod.LogQuery:
+    if since and until and since > until:
+        raise click.UsageError("--since is after --until")
+    if address is not None:
+        address = address.strip().lower()
+        if not address:
+            raise click.UsageError("--address is empty")
+    return logmod.LogQuery(since=since, until=until, address=address, direction=direction)
+
+
+@click.group("log")
+@config_option
+def log_group() -> None:
+    """The header-only monitoring log (auditors): export, verify, stats."""
+
+
+# ------------------------------------------------------------------- export
+
+
+class _AtomicFile:
+    """``--output FILE``: a 0600 temp file beside FILE, fsynced and renamed
+    into place only when the export completed."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        self.tmp = Path(name)
+        os.fchmod(fd, 0o600)
+        self.fh: BinaryIO = os.fdopen(fd, "wb", buffering=1024 * 1024)
+
+    def commit(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.target)
+        dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        try:
+            self.fh.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+
+
+@log_group.command("export")
+@config_option
+@click.option("--since", type=logmod.When(), help="From this date/time (ISO 8601, UTC default).")
+@click.option("--until", type=logmod.When(end=True), help="Up to this date/time (a date includes the whole day).")
+@click.option("--address", metavar="A", help="Only records concerning this address.")
+@click.option("--direction", type=click.Choice(logmod.DIRECTIONS))
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="csv (header row; default) or jsonl.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format jsonl.")
+@click.option("--output", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write FILE atomically (mode 0600) and print its SHA-256 on stderr.")
+@click.pass_context
+def export_cmd(ctx: click.Context, since: datetime | None, until: datetime | None,
+               address: str | None, direction: str | None, fmt: str | None, as_json: bool,
+               output: Path | None) -> None:
+    """Export the header-only log for auditors (streams; csv to stdout by default).
+
+    Every export is recorded in the audit trail before any record is read.
+    A progress bar is shown on stderr when it is a terminal.
+    """
+    if as_json and fmt == "csv":
+        raise click.UsageError("--json and --format csv contradict each other")
+    fmt = "jsonl" if as_json else (fmt or "csv")
+    query = _query(since, until, address, direction)
+    if output is not None and not output.parent.is_dir():
+        raise click.BadParameter(f"directory {output.parent} does not exist",
+                                 param_hint="--output")
+    config = get_config(ctx)
+    sys.exit(_run(lambda: _export(config, query, fmt, output)))
+
+
+async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path | None) -> int:
+    store = await _open_store(config)
+    if store is None:
+        return 1
+    sink: _AtomicFile | None = None
+    progress: Any = None
+    status = "failed"
+    result: logmod.ExportResult | None = None
+    audited = False
+    filters = {**query.filters(), "format": fmt,
+               "output": str(output.resolve()) if output else "-"}
+    targets = [query.address] if query.address else []
+    try:
+        query = dataclasses.replace(query, up_to=await logmod.last_seq(store))
+        try:
+            await store.audit("log export", targets=targets, filters=filters,
+                              detail={"up_to_seq": query.up_to})
+        except (aiosqlite.Error, OSError) as exc:
+            _err(f"cannot write the audit row, nothing exported: {exc}")
+            return 1
+        audited = True
+        if output is not None:
+            try:
+                sink = _AtomicFile(output)
+            except OSError as exc:
+                _err(f"cannot write {output}: {exc.strerror or exc}")
+                return 1
+            out: BinaryIO = sink.fh
+        else:
+            out = sys.stdout.buffer
+        tick = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            total = await logmod.count(store, query)
+            progress = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True),
+                                transient=True)
+            progress.start()
+            task = progress.add_task("export", total=total)
+
+            def tick(n: int) -> None:
+                progress.advance(task, n)
+
+        try:
+            result = await logmod.export(store, query, fmt, out, tick)
+        except BrokenPipeError:
+            # The reader went away (``| head``): stop quietly, but say so.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            status = "interrupted: output closed"
+            _err("export stopped: output closed")
+            return 1
+        except OSError as exc:
+            status = f"failed: {exc.strerror or exc}"
+            _err(f"export failed: {exc.strerror or exc}")
+            return 1
+        if progress is not None:
+            progress.stop()
+            progress = None
+        if sink is not None:
+            try:
+                sink.commit()
+            except OSError as exc:
+                status = f"failed: {exc.strerror or exc}"
+                _err(f"cannot write {output}: {exc.strerror or exc}")
+                return 1
+            sink = None
+            click.echo(f"sha256 {result.sha256}  {output}  {result.rows} records", err=True)
+        status = "complete"
+        return 0
+    except (StoreError, aiosqlite.Error) as exc:
+        _err(str(exc))
+        return 1
+    finally:
+        if progress is not None:
+            progress.stop()
+        if sink is not None:
+            sink.abort()
+        try:
+            if audited:
+                await store.audit(
+                    "log export done", targets=targets, filters=filters,
+                    detail={"status": status,
+                            "rows": result.rows if result else None,
+                            "sha256": result.sha256 if result else None},
+                )
+        except (aiosqlite.Error, OSError) as exc:
+            _err(f"could not record the end of the export in the audit trail: {exc}")
+        finally:
+            await store.close()
+
+
+# ------------------------------------------------------------------- verify
+
+
+@log_group.command("verify")
+@config_option
+@click.pass_context
+def verify_cmd(ctx: click.Context) -> None:
+    """Verify the tamper-evidence chains of the log (and the audit trail).
+
+    One line per chain; exit 1 on any break, naming the first bad record
+    (seq, queue id, time).
+    """
+    config = get_config(ctx)
+    sys.exit(_run(lambda: _verify(config)))
+
+
+async def _verify(config: Config) -> int:
+    store = await _open_store(config)
+    if store is None:
+        return 1
+    try:
+        results = [await logmod.verify(store), await logmod.verify_audit(store)]
+    finally:
+        await store.close()
+    for r in results:
+        click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.message}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+# -------------------------------------------------------------------- stats
+
+
+@log_group.command("stats")
+@config_option
+@click.option("--since", type=logmod.When(), help="From this date/time (ISO 8601, UTC default).")
+@click.option("--until", type=logmod.When(end=True), help="Up to this date/time.")
+@click.option("--address", metavar="A", help="Only this address.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def stats_cmd(ctx: click.Context, since: datetime | None, until: datetime | None,
+              address: str | None, as_json: bool) -> None:
+    """Per-address monthly counts of messages and of personal messages.
+
+    Counts only, never content (the policy's "excessive personal use"
+    question).  Audited like an export.
+    """
+    query = _query(since, until, address, None)
+    config = get_config(ctx)
+    sys.exit(_run(lambda: _stats(config, query, as_json)))
+
+
+async def _stats(config: Config, query: logmod.LogQuery, as_json: bool) -> int:
+    store = await _open_store(config)
+    if store is None:
+        return 1
+    try:
+        query = dataclasses.replace(query, up_to=await logmod.last_seq(store))
+        await store.audit("log stats", targets=[query.address] if query.address else [],
+                          filters=query.filters(), detail={"up_to_seq": query.up_to})
+        rows = await logmod.stats(store, query)
+    except (StoreError, aiosqlite.Error, OSError) as exc:
+        _err(str(exc))
+        return 1
+    finally:
+        await store.close()
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r._asdict(), ensure_ascii=False))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("month", "address", "messages", "personal")
+        for r in rows:
+            table.add_row(r.month, r.address, str(r.messages), str(r.personal))
+        Console().print(table)
+    else:
+        width = max((len(r.address) for r in rows), default=7)
+        click.echo(f"{'month':7}  {'address':{width}}  {'messages':>8}  {'personal':>8}")
+        for r in rows:
+            click.echo(f"{r.month:7}  {r.address:{width}}  {r.messages:>8}  {r.personal:>8}")
+    return 0
+
+
+COMMANDS: list[click.Command] = [log_group]
