@@ -379,6 +379,7 @@ class _Scan:
         self.budget = Budget(owner.limits)
         self.report = report
         self.flagged: set[tuple[str, str]] = set()
+        self.over_limits = False
 
     def hit(self, path: str, category: str, reason: str) -> None:
         key = (path, reason)
@@ -389,6 +390,12 @@ class _Scan:
         target.append(Hit(path, category, reason))
 
     def unscannable(self, path: str, reason: str) -> None:
+        if reason.startswith("archive exceeds limits"):
+            # One bomb trips the shared budget at every level it unwinds
+            # through; report the innermost only.
+            if self.over_limits:
+                return
+            self.over_limits = True
         self.hit(path, "unscannable", reason)
 
     def check_name(self, path: str, name: str) -> None:
@@ -522,7 +529,11 @@ def _raw_filenames(msg: Message) -> dict[str, str]:
             name = part.get_filename()
             if name is None:
                 continue
-            raw = str(email.header.make_header(email.header.decode_header(str(name))))
+            name = str(name)
+            if "=?" in name:
+                raw = str(email.header.make_header(email.header.decode_header(name)))
+            else:
+                raw = name
         except Exception:
             continue
         clean = decode_header_value(str(name))

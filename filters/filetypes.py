@@ -357,7 +357,7 @@ def zip_flavour(names: Iterable[str]) -> str | None:
         or "appxblockmap.xml" in lower
     ):
         return "msix"
-    if "meta-inf/manifest.mf" in lower and any(n.endswith(".class") for n in lower):
+    if "meta-inf/manifest.mf" in lower:  # JAR (also WAR/EAR/AAR): Java code
         return "jar"
     if "[content_types].xml" in lower:
         return "ooxml"
