@@ -281,8 +281,12 @@ async def _index(store: Store, lo: int, hi: int) -> dict[int, list[str]]:
     return out
 
 
-def _check_row(row: Row, prev: str, index: list[str]) -> tuple[str | None, bool]:
-    """Why ``row`` is bad (or None), and whether it is an erasure marker."""
+def _check_row(row: Row, prevs: tuple[str, ...], index: list[str]) -> tuple[str | None, bool]:
+    """Why ``row`` is bad (or None), and whether it is an erasure marker.
+
+    ``prevs`` holds the predecessor's stored hash and, when that row was bad,
+    the hash its content should have had: after an edited record *or* an
+    edited hash column the chain resumes, so one edit counts once."""
     try:
         rec = json.loads(row.record)
     except ValueError:
@@ -291,7 +295,7 @@ def _check_row(row: Row, prev: str, index: list[str]) -> tuple[str | None, bool]
         return "its record is not a JSON object", False
     if rec.get("erased") is True:
         return None, True
-    if chain_hash(prev, row.record) != row.hash:
+    if all(chain_hash(prev, row.record) != row.hash for prev in prevs):
         return "its hash does not match its content and its predecessor's hash", False
     for column in ("time", "queue_id", "direction"):
         if rec.get(column, "") != getattr(row, column):
@@ -307,11 +311,10 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
 
     Returns ``(True, None, summary)`` or ``(False, seq, message)`` naming the
     first bad record (seq, queue id, time) and how many records are bad in
-    all (after a break the check resumes from the stored hash, so one edit
-    counts once).
+    all (after a break the check resumes, so one edit counts once).
     """
-    prev = await _meta(store, "log_anchor")
-    anchor = prev
+    anchor = await _meta(store, "log_anchor")
+    prevs: tuple[str, ...] = (anchor,)
     first: Row | None = None
     why = ""
     bad = 0
@@ -322,18 +325,22 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
     async for page in iter_pages(store, LogQuery(), page_size):
         index = await _index(store, page[0].seq, page[-1].seq)
         for row in page:
-            reason, is_erased = _check_row(row, prev, index.get(row.seq, []))
+            reason, is_erased = _check_row(row, prevs, index.get(row.seq, []))
             if reason is None and prev_seq is not None and row.seq != prev_seq + 1:
                 # unreachable with an intact chain unless rows were removed
                 # *and* the hashes rewritten; report the gap anyway
                 reason = f"records seq {prev_seq + 1}..{row.seq - 1} are missing"
-            if reason is not None:
+            if is_erased:
+                erased.append(row.seq)
+            if reason is None:
+                prevs = (row.hash,)
+            else:
                 bad += 1
                 if first is None:
                     first, why = row, reason
-            if is_erased:
-                erased.append(row.seq)
-            prev = row.hash
+                # resume from either the stored hash (the record was edited)
+                # or the hash its content implies (the hash was edited)
+                prevs = (row.hash, *(chain_hash(p, row.record) for p in prevs))
             prev_seq = row.seq
             checked += 1
             lo = row.seq if lo is None else lo
