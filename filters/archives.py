@@ -12,7 +12,8 @@ xz archive held in memory and yields each member's name, its first
 * 7z (py7zr): names and contents (decompressed in memory, one pass);
 * rar (rarfile): names, plus contents of *stored* members; compressed members
   would need an external ``unrar``, so only their names are checked;
-* gzip / bzip2 / xz: the single decompressed stream (or the tar inside it).
+* gzip / bzip2 / xz: the single decompressed stream (or the tar inside it);
+* TNEF (winmail.dat, :mod:`filters.tnef`): the attachments Outlook wrapped.
 
 Every path is bounded by a :class:`Budget`: the member count and the total
 uncompressed bytes of one attachment, counted from the sizes each archive
@@ -40,6 +41,7 @@ import py7zr.exceptions
 import py7zr.io
 import rarfile
 
+from filters import tnef
 from filters.filetypes import HEAD_BYTES, NEEDS_CONTENT, identify
 
 #: Chunk size for streaming reads.
@@ -504,6 +506,24 @@ def _open_rar(data: bytes, label: str, budget: Budget) -> Listing:
     return Listing(members(), [i.filename for i in infos], encrypted, notes)
 
 
+# ------------------------------------------------------------------------ tnef
+
+
+def _open_tnef(data: bytes, label: str, budget: Budget) -> Listing:
+    try:
+        found = tnef.read_attachments(data)
+    except tnef.TnefError as exc:
+        raise _unreadable(label, exc) from None
+    budget.take_members(len(found), label)
+    budget.take_bytes(sum(len(a.data) for a in found), label)
+    members = [
+        Member(a.name or "(unnamed TNEF attachment)", a.data[:HEAD_BYTES],
+               (lambda d=a.data: d) if a.data else None)
+        for a in found
+    ]
+    return Listing(iter(members), [m.name for m in members])
+
+
 # ------------------------------------------------------------------ dispatch
 
 
@@ -524,4 +544,6 @@ def open_archive(kind: str, data: bytes, label: str, budget: Budget) -> Listing:
         return _open_7z(data, label, budget)
     if kind == "rar":
         return _open_rar(data, label, budget)
+    if kind == "tnef":
+        return _open_tnef(data, label, budget)
     raise ValueError(f"not an archive kind: {kind!r}")

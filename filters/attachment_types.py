@@ -36,9 +36,9 @@ Blocked (``blocked_categories``, all by default):
 whose content is what that extension says (allowing "jar" lets real JARs
 named .jar through, never a PE named .jar).
 
-Archives (zip, 7z, rar, tar, gzip, bzip2, xz; nested up to
-``archive_max_depth``) have the same rules applied to member names and
-contents (rar: names, plus stored members).  Encrypted or unreadable archives,
+Archives (zip, 7z, rar, tar, gzip, bzip2, xz, and Outlook's TNEF
+winmail.dat; nested up to ``archive_max_depth``) have the same rules applied
+to member names and contents (rar: names, plus stored members).  Encrypted or unreadable archives,
 archive formats that cannot be opened (cab, arj, ace, ...), and archives over
 ``archive_max_members`` / ``archive_max_total_bytes`` (archive bombs) are held
 as *unscannable*.  All of these take ``action``.

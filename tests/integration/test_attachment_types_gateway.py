@@ -2,8 +2,8 @@
 
 Proves, over SMTP on loopback with the real store and a recording next hop:
 a PE named .pdf, an .exe, photo.jpg.exe, an exe inside a zip, an .scr in a zip
-in a zip, a .vbs, an ISO, an encrypted zip, a macro document and a zip bomb
-are held (250 2.7.0 ... held for review, nothing delivered, a quarantine row
+in a zip, a .vbs, an ISO, an encrypted zip, a macro document, a zip bomb and
+an exe inside Outlook's winmail.dat (TNEF) are held (250 2.7.0 ... held for review, nothing delivered, a quarantine row
 with reason attachment_types and a detail naming the file and its true type);
 a PDF, a plain DOCX and XLSX, a text file, a PNG and a zip of PDFs are
 delivered untouched; ``action = "reject"`` gives CONTRACT.md's 554 naming the
@@ -64,6 +64,8 @@ def held_cases() -> list[tuple[str, str, bytes, str]]:
          "budget.docm: Office document with VBA macros"),
         ("bomb.zip", "application/zip", s.zip_bomb(),
          "unscannable: archive exceeds limits (bomb.zip: more than 104857600 bytes"),
+        ("winmail.dat", "application/ms-tnef", s.tnef([("setup.exe", s.pe())]),
+         "winmail.dat/setup.exe: executable"),
     ]
 
 

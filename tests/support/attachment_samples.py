@@ -274,3 +274,20 @@ def zip_bomb(size: int = 200 * 1024 * 1024) -> bytes:
                 w.write(chunk[:n])
                 left -= n
     return buf.getvalue()
+
+
+def tnef(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """A TNEF stream (winmail.dat) carrying ``(name, data)`` attachments."""
+
+    def attr(level: int, tag: int, value: bytes) -> bytes:
+        return (bytes([level]) + struct.pack("<II", tag, len(value)) + value
+                + struct.pack("<H", sum(value) & 0xFFFF))
+
+    out = bytearray(b"\x78\x9f\x3e\x22" + struct.pack("<H", 0x1234))
+    out += attr(1, 0x00089006, struct.pack("<I", 0x00010000))  # attTnefVersion
+    out += attr(1, 0x00078008, b"IPM.Microsoft Mail.Note\0")  # attMessageClass
+    for name, data in files:
+        out += attr(2, 0x00069002, b"\x01\0\0\0" + b"\xff" * 10)  # attAttachRendData
+        out += attr(2, 0x00018010, name.encode("cp1252") + b"\0")  # attAttachTitle
+        out += attr(2, 0x0006800F, data)  # attAttachData
+    return bytes(out)

@@ -303,6 +303,20 @@ def test_7z_members_are_checked(filt: AttachmentTypesFilter) -> None:
     assert described(scan(filt, "b.7z", enc.getvalue())) == ["unscannable: encrypted archive b.7z"]
 
 
+def test_tnef_attachments_are_checked(filt: AttachmentTypesFilter) -> None:
+    """Outlook's winmail.dat wraps attachments; they get the same rules."""
+    data = s.tnef([("setup.exe", s.pe()), ("notes.txt", b"hello")])
+    assert described(scan(filt, "winmail.dat", data, "application/ms-tnef")) == [
+        "winmail.dat/setup.exe: executable, PE32 executable (GUI) Intel 80386, for MS Windows"
+    ]
+    clean = s.tnef([("minutes.pdf", s.pdf()), ("photo.png", s.png())])
+    assert described(scan(filt, "winmail.dat", clean, "application/ms-tnef")) == []
+    broken = b"\x78\x9f\x3e\x22\0\0\x02" + b"\xff" * 12  # first attribute overruns
+    assert described(scan(filt, "winmail.dat", broken, "")) == [
+        "unscannable: unreadable archive winmail.dat (TnefError)"
+    ]
+
+
 def test_unscannable_archives_are_held(filt: AttachmentTypesFilter) -> None:
     enc = s.encrypted_zip([("report.pdf", s.pdf()), ("setup.exe", s.pe())])
     assert zipfile.ZipFile(io.BytesIO(enc)).read("report.pdf", pwd=b"secret") == s.pdf()
@@ -591,6 +605,28 @@ def test_corpus_archives(filt: AttachmentTypesFilter) -> None:
             assert found == [], (bomb.name, found)  # ../ names are not a type problem
         else:
             assert len(found) == 1 and "archive exceeds limits" in found[0], (bomb.name, found)
+
+
+def test_corpus_tnef(filt: AttachmentTypesFilter) -> None:
+    """MimeKit's TNEF streams: the attachment names its tests expect are found
+    (bodies excepted); AUTOEXEC.BAT inside one is held."""
+    from filters.tnef import read_attachments
+
+    folder = corpus_dir("tnef-via-mimekit")
+    for path in sorted(folder.glob("*.tnef")):
+        data = path.read_bytes()
+        names = [a.name for a in read_attachments(data)]
+        listed = path.with_suffix(".list").read_text().split("\n")
+        expected = [n for n in listed if n and not n.startswith("body.")]
+        assert len(names) >= len(expected), (path.name, names, expected)
+        assert {n for n in expected if n != "Untitled Attachment"} <= set(names), path.name
+        found = described(scan(filt, "winmail.dat", data, "application/ms-tnef"))
+        if path.name == "data-before-name.tnef":
+            assert found == ["winmail.dat/AUTOEXEC.BAT: script by name (.bat)"], found
+        else:
+            assert found == [], (path.name, found)
+    v = check(filt, (folder / "ukr.eml").read_bytes())
+    assert v.outcome is Outcome.RELAY, v.detail
 
 
 def test_corpus_rspamd_messages(filt: AttachmentTypesFilter) -> None:
