@@ -343,6 +343,7 @@ class Hit(NamedTuple):
     reason: str
 
     def describe(self) -> str:
+        """One line for the quarantine detail."""
         if self.category == "unscannable":
             return f"unscannable: {self.reason}"
         return f"{self.path}: {self.reason}"
@@ -414,8 +415,8 @@ class _Scan:
         depth: int,
         package_member: bool = False,
     ) -> tuple[str, str]:
-        """Check one file (and what is inside it); return libmagic's
-        (mime, description) for the log facts.
+        """Check one file (and what is inside it); return its true MIME type
+        and libmagic's description, for the log facts.
 
         ``package_member``: a part of a document or package (OOXML, ODF,
         EPUB, JAR, APK, MSIX) — checked by content only, since its name is
@@ -496,7 +497,7 @@ class _Scan:
                     )
             except Unscannable as exc:
                 self.unscannable(path, exc.reason)
-        return mime, desc
+        return filetypes.true_mime(kind, mime), desc
 
     def _check_macros(self, path: str, kind: str | None, data: bytes | None, listing: Any) -> None:
         found: str | None = None

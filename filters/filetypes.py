@@ -372,6 +372,40 @@ def zip_flavour(names: Iterable[str]) -> str | None:
     return None
 
 
+#: MIME types for kinds libmagic reports generically (octet-stream, plain
+#: zip, OLE storage, text) — so that the log's "true type" says what it is.
+_KIND_MIME = {
+    "pe": "application/vnd.microsoft.portable-executable",
+    "msdos": "application/x-dosexec",
+    "msi": "application/x-msi",
+    "msix": "application/msix",
+    "apk": "application/vnd.android.package-archive",
+    "jar": "application/java-archive",
+    "dmg": "application/x-apple-diskimage",
+    "iso": "application/x-iso9660-image",
+    "udf": "application/x-udf-image",
+    "vhd": "application/x-vhd",
+    "vhdx": "application/x-vhdx",
+    "vmdk": "application/x-vmdk",
+    "onenote": "application/onenote",
+    "tar": "application/x-tar",
+    "tnef": "application/vnd.ms-tnef",
+    "lnk": "application/x-ms-shortcut",
+    "cab": "application/vnd.ms-cab-compressed",
+}
+_GENERIC_MIMES = frozenset({
+    "", "application/octet-stream", "text/plain", "application/zip", "application/x-ole-storage",
+    "application/zlib", "application/java-archive",
+})
+
+
+def true_mime(kind: str | None, magic_mime: str) -> str:
+    """libmagic's MIME type, made specific where we know better."""
+    if kind in _KIND_MIME and magic_mime in _GENERIC_MIMES:
+        return _KIND_MIME[kind]
+    return magic_mime or "application/octet-stream"
+
+
 def label(kind: str | None) -> str:
     """A human label for a kind."""
     if kind is None:
