@@ -112,6 +112,7 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"mailwarden exited {self.proc.returncode}: {self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -119,6 +120,7 @@ class GatewayProcess:
                         return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"mailwarden did not start: {self.log()}")
 
     def log(self) -> str:
