@@ -35,6 +35,7 @@ import copy
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class TxtResolver:
     async def __call__(self, name: bytes | str, timeout: float | None = None) -> bytes | None:
         if self.resolver is None:
             raise DnsTrouble(self.problem or "no resolver")
+        lifetime = self.timeout if timeout is None else max(0.05, min(self.timeout, timeout))
         try:
             text = name.decode("utf-8") if isinstance(name, bytes) else name
             qname = dns.name.from_text(text)
@@ -175,14 +177,14 @@ class TxtResolver:
                 dns.rdatatype.TXT,
                 search=False,
                 raise_on_no_answer=False,
-                lifetime=self.timeout,
+                lifetime=lifetime,
             )
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         except dns.resolver.NoNameservers:
             raise DnsTrouble("DNS SERVFAIL or REFUSED") from None
         except dns.exception.Timeout:
-            raise DnsTrouble(f"DNS timeout after {self.timeout:g}s") from None
+            raise DnsTrouble(f"DNS timeout after {lifetime:g}s") from None
         except dns.exception.DNSException as exc:
             raise DnsTrouble(f"DNS error: {exc.__class__.__name__}") from None
         except OSError as exc:
@@ -406,10 +408,20 @@ def check_private_key(path: str) -> bytes:
     return data
 
 
+#: An incoming ARC chain longer than this is not verified (it counts as
+#: failed): each instance costs DNS lookups, and RFC 8617 allows 50.
+MAX_ARC_INSTANCES = 10
+
+
+def arc_instances(raw: bytes) -> int:
+    """How many ARC-Seal headers the message arrived with."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return len(re.findall(rb"(?im)^arc-seal\s*:", head))
+
+
 def has_arc_chain(raw: bytes) -> bool:
     """True when the message arrived with ARC headers."""
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    return re.search(rb"(?im)^arc-seal\s*:", head) is not None
+    return arc_instances(raw) > 0
 
 
 def arc_chain_status(raw: bytes, dnsfunc: Callable[..., bytes | None]) -> str:
@@ -417,6 +429,8 @@ def arc_chain_status(raw: bytes, dnsfunc: Callable[..., bytes | None]) -> str:
 
     Raises :class:`DnsTrouble` when a key could not be fetched.
     """
+    if arc_instances(raw) > MAX_ARC_INSTANCES:
+        return "fail"
     cv, _results, _reason_text = dkim.arc_verify(raw, logger=_dkimpy_log, dnsfunc=dnsfunc,
                                                  minkey=MIN_KEY_BITS)
     if cv is None:
@@ -424,14 +438,28 @@ def arc_chain_status(raw: bytes, dnsfunc: Callable[..., bytes | None]) -> str:
     return cv.decode("ascii").lower()
 
 
-def sync_lookup(lookup: TxtLookup, loop: asyncio.AbstractEventLoop,
-                timeout: float) -> Callable[..., bytes | None]:
+def sync_lookup(lookup: TxtLookup, loop: asyncio.AbstractEventLoop, timeout: float,
+                budget: float | None = None) -> Callable[..., bytes | None]:
     """A blocking DNS function for dkimpy's sync ARC code, run in a worker
-    thread, that uses the async ``lookup`` on ``loop``."""
+    thread, that uses the async ``lookup`` on ``loop``.
+
+    With ``budget`` (seconds), lookups stop once it is spent: they raise
+    :class:`DnsTrouble` at once, so a long chain cannot hold a worker thread.
+    """
+    deadline = None if budget is None else time.monotonic() + budget
 
     def dnsfunc(name: bytes, timeout: float = timeout) -> bytes | None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DnsTrouble("DNS budget for the ARC chain spent")
+            timeout = min(timeout, left)
         fut = asyncio.run_coroutine_threadsafe(lookup(name, timeout=timeout), loop)
-        return fut.result(timeout=timeout + 5)
+        try:
+            return fut.result(timeout=timeout + 1)
+        except TimeoutError:
+            fut.cancel()
+            raise DnsTrouble("DNS timeout") from None
 
     return dnsfunc
 

@@ -280,7 +280,9 @@ class ExternalAttachmentsFilter:
 
     async def _arc_status(self, raw: bytes) -> str:
         loop = asyncio.get_running_loop()
-        dnsfunc = dkim_check.sync_lookup(self.lookup, loop, self.settings.dns_timeout)
+        # The whole chain gets two lookups' worth of time; past that, temperror.
+        dnsfunc = dkim_check.sync_lookup(self.lookup, loop, self.settings.dns_timeout,
+                                         budget=2 * self.settings.dns_timeout)
         try:
             return await loop.run_in_executor(
                 self.ctx.executor, dkim_check.arc_chain_status, raw, dnsfunc

@@ -438,3 +438,36 @@ async def test_arc_seal_failure_does_not_cost_the_message(executor: ThreadPoolEx
     assert v.outcome == Outcome.RELAY
     assert v.facts["arc_sealed"] is False
     assert header_values(v.edits, "Authentication-Results") == [f"{HOST}; dkim=none"]
+
+
+async def test_arc_chain_dns_trouble_is_bounded_and_unsealed(executor: ThreadPoolExecutor,
+                                                             keyed_dns: LoopbackDNS,
+                                                             tmp_path: Path) -> None:
+    arc_key = rsa_key(slot=2)
+    keyed_dns.add_txt("arc._domainkey.example.com", arc_key.txt_record)
+    f = make_filter(executor, keyed_dns, arc_key=str(arc_key.write(tmp_path / "arc.pem")),
+                    arc_selector="arc", arc_domain="example.com", dns_timeout=0.4)
+    first = await f.check(mail(sign(msg(), "sender.test")))
+    sealed = apply_edits(sign(msg(), "sender.test"), first.edits)
+    keyed_dns.set_timeout("arc._domainkey.example.com")  # the next hop cannot fetch the seal key
+    t0 = time.monotonic()
+    v = await f.check(mail(sealed))
+    assert time.monotonic() - t0 < 2.5  # two lookups' worth, not one per instance
+    [ar] = header_values(v.edits, "Authentication-Results")
+    assert "arc=temperror" in ar
+    assert v.facts["arc_sealed"] is False
+    assert not [e for e in v.edits if isinstance(e, AddHeader) and e.name.startswith("ARC-")]
+
+
+async def test_overlong_arc_chain_is_failed_without_lookups(executor: ThreadPoolExecutor,
+                                                            dns_server: LoopbackDNS,
+                                                            tmp_path: Path) -> None:
+    arc_key = rsa_key(slot=2)
+    f = make_filter(executor, dns_server, arc_key=str(arc_key.write(tmp_path / "arc.pem")),
+                    arc_selector="arc", arc_domain="example.com")
+    seals = b"".join(b"ARC-Seal: i=%d; cv=pass; a=rsa-sha256; d=x.test; s=s; b=AAAA\r\n" % i
+                     for i in range(1, 13))
+    v = await f.check(mail(seals + msg()))
+    [ar] = header_values(v.edits, "Authentication-Results")
+    assert "arc=fail" in ar
+    assert dns_server.queries == []
