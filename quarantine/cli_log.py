@@ -165,7 +165,9 @@ async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path
         else:
             out = sys.stdout.buffer
         tick = None
-        if sys.stderr.isatty():
+        # A bar on stderr only when it is a terminal and the data is not
+        # going to that same terminal.
+        if sys.stderr.isatty() and (output is not None or not sys.stdout.isatty()):
             from rich.console import Console
             from rich.progress import (
                 BarColumn,

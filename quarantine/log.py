@@ -26,11 +26,13 @@ the index: removing someone from the index is a break too.  The ``time``,
 ``queue_id`` and ``direction`` columns (used to filter exports) must equal the
 record's values.
 
-Erasure (right to erasure) of single records, if ever done, must keep the
-row and its ``hash`` and replace ``record`` with a JSON object holding
-``"erased": true`` (plus who/when), deleting its ``log_address`` rows;
-:func:`verify` then takes that row's stored hash as given and names the
-erased rows in its report (an erased row is visible, never silent).
+Erasure by address (``quarantine/review.py``) keeps the row and its ``hash``
+and replaces ``record`` with a tombstone (``quarantine.store.erased_record``:
+only the keys ``erased``, ``erased_at``, ``audit_seq``), clearing its
+``queue_id``/``direction`` columns and its ``log_address`` rows; :func:`verify`
+takes a tombstone's stored hash as given (so the records around it stay
+verifiable) and names the erased rows in its report: an erasure is visible,
+never silent, and points at the audit row of the ``erase`` command.
 
 Export and stats read the log in pages by ``seq`` (keyset pagination: constant
 memory, never the whole table at once), up to the last ``seq`` that existed
@@ -62,7 +64,7 @@ from typing import Any, BinaryIO, NamedTuple
 import click
 
 from filters.header_log import address_digest
-from quarantine.store import GENESIS, Store, canonical, chain_hash, iso
+from quarantine.store import ERASED_KEYS, GENESIS, Store, canonical, chain_hash, iso
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -293,7 +295,7 @@ def _check_row(row: Row, prevs: tuple[str, ...], index: list[str]) -> tuple[str 
         return "its record is not valid JSON", False
     if not isinstance(rec, dict):
         return "its record is not a JSON object", False
-    if rec.get("erased") is True:
+    if rec.get("erased") is True and set(rec) <= ERASED_KEYS:
         return None, True
     if all(chain_hash(prev, row.record) != row.hash for prev in prevs):
         return "its hash does not match its content and its predecessor's hash", False
@@ -440,60 +442,72 @@ CSV_COLUMNS = (
     "hash",
 )
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = frozenset("=+-@\t\r")
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+#: Record keys copied to the csv as they are (text or numbers).
+_PLAIN = ("time", "queue_id", "direction", "client_addr", "mail_from")
+_HEADERS = ("from", "to", "cc", "subject", "message_id", "date", "size")
+_TAIL = ("personal", "disposition", "reply", "quarantine_id")
 
 
 def _cell(value: Any) -> str:
     """A CSV cell.  Text that a spreadsheet would run as a formula gets a
     leading apostrophe (CSV injection); the JSONL export is the exact form."""
+    t = type(value)
+    if t is str:
+        return "'" + value if value and value[0] in _FORMULA_START else value
     if value is None:
         return ""
-    if isinstance(value, bool):
+    if t is bool:
         return "true" if value else "false"
-    if isinstance(value, str):
-        return "'" + value if value.startswith(_FORMULA_START) else value
-    if isinstance(value, int | float):
+    if t is int or t is float:
         return str(value)
-    return _cell(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return _cell(_COMPACT(value))
 
 
-def _join(values: list[Any]) -> str:
+def _join(values: Any) -> str:
     return "; ".join("" if v is None else str(v) for v in values)
 
 
 def _verdict_text(v: dict[str, Any]) -> str:
-    text = f"{v.get('filter', '?')}:{v.get('outcome', '?')}"
-    if v.get("detail"):
-        text += f" ({v['detail']})"
+    parts = [f"{v.get('filter', '?')}:{v.get('outcome', '?')}"]
+    detail = v.get("detail")
+    if detail:
+        parts.append(f"({detail})")
     for k, val in v.items():
-        if k in ("filter", "outcome", "detail"):
+        if k == "filter" or k == "outcome" or k == "detail":
             continue
-        if isinstance(val, str):
-            text += f" {k}={val}"
-        else:
-            text += f" {k}={json.dumps(val, ensure_ascii=False, separators=(',', ':'))}"
-    return text
+        parts.append(f"{k}={val if type(val) is str else _COMPACT(val)}")
+    return " ".join(parts)
 
 
 def csv_row(row: Row) -> list[str]:
-    """One log row flattened to :data:`CSV_COLUMNS`."""
+    """One log row flattened to :data:`CSV_COLUMNS`.
+
+    Lists become ``"; "``-joined text (the attachment columns are parallel
+    lists), verdicts read ``filter:outcome (detail) key=value ...``."""
     rec = json.loads(row.record)
-    atts = [a for a in rec.get("attachments") or () if isinstance(a, dict)]
-    values: dict[str, Any] = {
-        **rec,
-        "seq": row.seq,
-        "hash": row.hash,
-        "rcpt_tos": _join(rec.get("rcpt_tos") or []),
-        "attachment_names": _join([a.get("name") for a in atts]),
-        "attachment_types": _join([a.get("type") for a in atts]),
-        "attachment_declared_types": _join([a.get("declared_type") for a in atts]),
-        "attachment_sizes": _join([a.get("size") for a in atts]),
-        "attachment_sha256": _join([a.get("sha256") for a in atts]),
-        "verdicts": "; ".join(
-            _verdict_text(v) for v in rec.get("verdicts") or () if isinstance(v, dict)
-        ),
-    }
-    return [_cell(values.get(c)) for c in CSV_COLUMNS]
+    get = rec.get
+    cells = [str(row.seq)]
+    cells += [_cell(get(k)) for k in _PLAIN]
+    cells.append(_cell(_join(get("rcpt_tos") or ())))
+    cells += [_cell(get(k)) for k in _HEADERS]
+    atts = [a for a in get("attachments") or () if type(a) is dict]
+    if atts:
+        cells += [
+            _cell(_join([a.get(k) for a in atts]))
+            for k in ("name", "type", "declared_type", "size", "sha256")
+        ]
+    else:
+        cells += ["", "", "", "", ""]
+    cells += [_cell(get(k)) for k in _TAIL]
+    cells.append(_cell("; ".join(
+        _verdict_text(v) for v in get("verdicts") or () if type(v) is dict
+    )))
+    cells.append(_cell(get("elapsed_ms")))
+    cells.append(row.hash)
+    return cells
 
 
 def jsonl_line(row: Row) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from filters.header_log import address_digest
 from quarantine import log as logmod
-from quarantine.store import GENESIS, Store
+from quarantine.store import GENESIS, Store, erased_record
 
 
 def rec(i: int, **kw: Any) -> dict[str, Any]:
@@ -124,11 +124,16 @@ async def test_purge_with_anchor_keeps_the_chain_verifiable(store: Store) -> Non
 
 
 async def test_erased_record_is_accepted_and_named(store: Store) -> None:
-    await sql(store, "UPDATE log SET record = ? WHERE seq = 6",
-              json.dumps({"erased": True, "time": "x"}))
+    await sql(store, "UPDATE log SET record = ?, queue_id = '', direction = '' WHERE seq = 6",
+              erased_record("2026-11-23T00:00:00.000000Z", 42))
     await sql(store, "DELETE FROM log_address WHERE seq = 6")
     ok, _, msg = await logmod.verify(store)
     assert ok and "erased records: 6" in msg
+    # a "tombstone" that carries anything else is an edit, not an erasure
+    await sql(store, "UPDATE log SET record = ? WHERE seq = 7",
+              json.dumps({"erased": True, "subject": "x"}))
+    ok, bad, msg = await logmod.verify(store)
+    assert not ok and bad == 7, msg
 
 
 async def test_verify_audit_detects_edits(store: Store) -> None:
@@ -196,3 +201,20 @@ async def test_stats(store: Store) -> None:
     only = await logmod.stats(store, logmod.LogQuery(address="u0@example.com"))
     assert {r.address for r in only} == {"u0@example.com"}
     assert sum(r.messages for r in only) == 3
+
+
+async def test_verify_after_the_real_retention_purge(store: Store, tmp_path: Path) -> None:
+    from quarantine.retention import purge
+    from quarantine.store import iso
+    from tests.support.harness import test_config as config_for
+
+    now = iso(datetime.now(UTC))
+    await store.write_log_batch([rec(i, time=now) for i in (11, 12, 13)])
+    summary = await purge(store, config_for(tmp_path, "127.0.0.1:1"), dry_run=False,
+                          command="purge")
+    assert summary["log_records"] == 10
+    ok, _, msg = await logmod.verify(store)
+    assert ok and "3 records (seq 11..13) from anchor" in msg, msg
+    assert (await logmod.verify_audit(store)).ok
+    await store.write_log_batch([rec(14, time=now)])
+    assert (await logmod.verify(store)).ok
