@@ -9,7 +9,8 @@ relays to a recording capture server.
 swaks connects from 127.0.0.2 (an "external" client: mailwarden's
 ``trusted_networks`` is 127.0.0.1/32 only, which is where Postfix's own
 connections come from), or from 127.0.0.1 (an internal client), so the
-direction mailwarden uses can only come from Postfix's XFORWARD.
+direction mailwarden uses can only come from Postfix's XFORWARD (or, for the
+submission transport that sends none, from Postfix's own address).
 """
 
 from __future__ import annotations
@@ -120,11 +121,15 @@ def swaks(port: int, raw: bytes, *, client: str = EXTERNAL_CLIENT,
     return int(m.group(1)), m.group(2)
 
 
-def logged(mw: GatewayProcess, text: str, timeout: float = 15) -> str:
-    """Wait until mailwarden logged a line containing ``text``; return that line."""
+def logged(mw: GatewayProcess, text: str, timeout: float = 15, after: str = "") -> str:
+    """Wait until mailwarden logged a line containing ``text`` (after the line
+    ``after``, if given); return that line."""
     deadline = time.monotonic() + timeout
     while True:
-        for line in mw.log().splitlines():
+        lines = mw.log().splitlines()
+        if after in lines:
+            lines = lines[lines.index(after) + 1:]
+        for line in lines:
             if text in line:
                 return line
         if time.monotonic() > deadline:
@@ -186,14 +191,27 @@ def test_after_queue_clean_delivered_virus_held_direction_from_xforward(
     line = logged(mw, "direction=outbound")
     assert f"client={INTERNAL_CLIENT} " in line and "disposition=relayed" in line, line
 
-    # 3. An external client sends a virus: Postfix accepted it, mailwarden holds it.
+    # 3. A roaming user on authenticated submission (Internet address): the
+    # mailwarden-submission transport sends no XFORWARD, so it is outbound.
+    code, text = swaks(pf.submission_port, make_message(
+        subject="from the road", from_="Carol <carol@example.com>", to="Dan <dan@partner.test>",
+        attachments=[("figures.pdf", "application/pdf", PDF)],
+    ), client=EXTERNAL_CLIENT, mail_from="carol@example.com", to="dan@partner.test")
+    assert code == 250, text
+    roaming = next_hop.wait_for(3, timeout=30)[2]
+    head = header_block(roaming.data)
+    assert "X-Mailwarden-External" not in head and "[EXTERNAL]" not in head, head
+    line = logged(mw, "from=<carol@example.com>", after=line)
+    assert "direction=outbound" in line and f"client={INTERNAL_CLIENT} " in line, line
+
+    # 4. An external client sends a virus: Postfix accepted it, mailwarden holds it.
     code, text = swaks(pf.port, make_message(
         subject="invoice", attachments=[("invoice.com", "application/octet-stream", eicar())],
     ))
     assert code == 250, text
     m = pf.wait_log(r"status=sent \(250 2\.7\.0 accepted, held for review \((?P<qid>[^)]+)\)\)")
     pf.wait_queue_empty()
-    assert len(next_hop.messages) == 2  # nothing more was delivered
+    assert len(next_hop.messages) == 3  # nothing more was delivered
     row = quarantine_row(tmp_path / "store", m.group("qid"))
     assert row["direction"] == "inbound"
     assert row["client_addr"] == EXTERNAL_CLIENT

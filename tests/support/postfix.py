@@ -139,6 +139,7 @@ def adapt_master_cf(text: str, *, smtpd_port: int, filter_port: int, reinject_po
             fields[4] = "n"  # chroot: the temp queue has no copy of /etc
             line = " ".join(fields)
         line = line.replace(f"127.0.0.1:{SNIPPET_FILTER_PORT}", f"127.0.0.1:{filter_port}")
+        line = line.replace(f"[127.0.0.1]:{SNIPPET_FILTER_PORT}", f"[127.0.0.1]:{filter_port}")
         line = line.replace(f"127.0.0.1:{SNIPPET_REINJECT_PORT}", f"127.0.0.1:{reinject_port}")
         out.append(line)
     return "\n".join(out) + "\n"
@@ -153,7 +154,9 @@ class Postfix:
     """One private Postfix instance (see the module docstring).
 
     ``port`` is the public smtpd (where swaks connects), ``filter_port`` the
-    port mailwarden must listen on, ``reinject_port`` mailwarden's next hop.
+    port mailwarden must listen on, ``reinject_port`` mailwarden's next hop;
+    after-queue only: ``submission_port``, an smtpd using the
+    ``mailwarden-submission`` transport (no XFORWARD).
     """
 
     def __init__(self, mode: Mode, *, relay_to: int, filter_port: int | None = None) -> None:
@@ -167,6 +170,7 @@ class Postfix:
         self.port = free_port()
         self.filter_port = filter_port or free_port()
         self.reinject_port = free_port()
+        self.submission_port = free_port()
         self.relay_port = relay_to
         self.maillog = self.root / "log" / "maillog"
         self.running = False
@@ -188,11 +192,19 @@ class Postfix:
         master = BASE_MASTER_CF
         if self.mode == "after-queue":
             # The public smtpd is the stock one; the snippet adds the rest.
+            # A "submission" smtpd uses the snippet's mailwarden-submission
+            # transport as the snippet tells (no SASL here: only the path).
             master += f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+            master += (
+                f"127.0.0.1:{self.submission_port} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix/submission\n"
+                f"  -o content_filter=mailwarden-submission:[127.0.0.1]:{SNIPPET_FILTER_PORT}\n"
+            )
         master += "# ---- " + str(snippets / "master.cf") + "\n"
-        master += adapt_master_cf(
-            (snippets / "master.cf").read_text(),
-            smtpd_port=self.port, filter_port=self.filter_port, reinject_port=self.reinject_port,
+        master += (snippets / "master.cf").read_text()
+        master = adapt_master_cf(
+            master, smtpd_port=self.port, filter_port=self.filter_port,
+            reinject_port=self.reinject_port,
         )
         (self.config_dir / "main.cf").write_text(main)
         (self.config_dir / "master.cf").write_text(master)
