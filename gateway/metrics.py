@@ -191,6 +191,7 @@ class Metrics:
 
     @property
     def current_config(self) -> Config:
+        """The running gateway's config (it changes on reload), else the initial one."""
         return self.gateway.config if self.gateway is not None else self.config
 
     def _session_count(self) -> float:

@@ -242,6 +242,7 @@ class Postfix:
                 time.sleep(0.05)
 
     def master_pid(self) -> int | None:
+        """The running master's pid (from ``spool/pid/master.pid``), or None."""
         with contextlib.suppress(OSError, ValueError):
             return int((self.root / "spool" / "pid" / "master.pid").read_text().split()[0])
         return None
@@ -276,6 +277,7 @@ class Postfix:
         return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
     def wait_queue_empty(self, timeout: float = 20) -> None:
+        """Wait until Postfix has delivered (or dropped) everything it queued."""
         deadline = time.monotonic() + timeout
         while self.queue():
             if time.monotonic() > deadline:
@@ -295,11 +297,13 @@ class Postfix:
             time.sleep(0.05)
 
     def log(self) -> str:
+        """The instance's whole maillog so far."""
         with contextlib.suppress(OSError):
             return self.maillog.read_text(errors="replace")
         return ""
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the maillog (for failure messages)."""
         return "\n".join(self.log().splitlines()[-lines:])
 
     def __enter__(self) -> Postfix:
