@@ -8,25 +8,24 @@ mail flowing, what happens to it, and is anything it depends on failing.
     Prometheus text format (version 0.0.4), from a :class:`CollectorRegistry`
     owned by this gateway (prometheus-client's global registry is never used):
 
-    ================================================  ==========================================
-    ``mailwarden_messages_total{direction,disposition}``  messages finished (relayed, quarantined,
-                                                      rejected, tempfailed, next-hop-refused)
-    ``mailwarden_message_duration_seconds``           end of DATA to the reply (histogram)
-    ``mailwarden_filter_verdicts_total{filter,outcome}``  every filter's verdict on every message
-    ``mailwarden_filter_duration_seconds{filter}``    time each filter took (histogram)
-    ``mailwarden_clamd_errors_total``                 messages clamd could not scan (down,
-                                                      timeout, error, limits): the clamav
-                                                      filter's "unscanned" or tempfail verdicts
-    ``mailwarden_next_hop_errors_total{stage}``       next hop unreachable / timed out / lost
-                                                      (``451 4.4.x``) at DATA (and at MAIL/RCPT
-                                                      when the server reports those)
-    ``mailwarden_sessions_in_flight``                 SMTP sessions open now
-    ``mailwarden_quarantine_items`` / ``_bytes``      messages held in quarantine, read from
-                                                      the store at a scrape when the cached
-                                                      value is 5 s old or a message was held
-    ``mailwarden_log_write_failures``                 log batches the store could not write
-    ``mailwarden_start_time_seconds``                 process start (unix time)
-    ================================================  ==========================================
+    - ``mailwarden_messages_total{direction,disposition}``: messages finished
+      (relayed, quarantined, rejected, tempfailed, next-hop-refused);
+    - ``mailwarden_message_duration_seconds``: end of DATA to the reply;
+    - ``mailwarden_filter_verdicts_total{filter,outcome}``: every filter's
+      verdict on every message;
+    - ``mailwarden_filter_duration_seconds{filter}``: time each filter took;
+    - ``mailwarden_clamd_errors_total``: messages clamd could not scan (down,
+      timeout, error, limits), i.e. the clamav filter's "unscanned" or
+      tempfail verdicts;
+    - ``mailwarden_next_hop_errors_total{stage}``: next hop unreachable, timed
+      out or lost (mailwarden's ``451 4.4.x``) at DATA, and at MAIL/RCPT when
+      the server reports those through :meth:`Metrics.next_hop_failed`;
+    - ``mailwarden_sessions_in_flight``: SMTP sessions open now;
+    - ``mailwarden_quarantine_items`` and ``mailwarden_quarantine_bytes``:
+      messages held, read from the store at a scrape when the cached value is
+      5 s old or a message was held since;
+    - ``mailwarden_log_write_failures``: log batches the store could not write;
+    - ``mailwarden_start_time_seconds``: process start (unix time).
 
 ``GET /healthz``
     JSON: ``{"status": "ok"|"fail", "checks": {"clamd": ..., "next_hop": ...,
