@@ -299,8 +299,12 @@ def _mount_subcommands() -> None:
     register(main)
 
 
-_mount_subcommands()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m gateway.cli`: run the real module (not this __main__ copy), so
+    # that the subcommand modules, which import gateway.cli, see one module.
+    from gateway.cli import main as _main
+
+    _main()
+else:
+    # Last, once every name above exists: the subcommand modules import them.
+    _mount_subcommands()
