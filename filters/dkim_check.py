@@ -317,12 +317,23 @@ async def verify_dkim(
     *,
     timeout: float = 5.0,
     max_signatures: int = MAX_SIGNATURES,
+    processes: Executor | None = None,
 ) -> tuple[SignatureResult, ...]:
     """Verify the topmost ``max_signatures`` DKIM signatures of ``raw``.
 
     An empty tuple means the message carries no DKIM-Signature (``none``).
     Never raises for anything the message or DNS does.
+
+    With ``processes`` (a process pool), the keys are fetched here and the
+    verification runs in a worker process (:func:`verify_in_process`): for
+    large messages, where hashing the body in a thread would still hold the
+    GIL -- and so the event loop -- for tens of milliseconds per megabyte.
     """
+    if processes is not None:
+        try:
+            return await _verify_prefetched(raw, lookup, processes, max_signatures)
+        except _WorkerFailed as exc:
+            log.warning("dkim: worker process failed (%r); verifying in a thread", exc.__cause__)
     loop = asyncio.get_running_loop()
     factory = partial(
         _OffLoopDKIM, raw, logger=_dkimpy_log, minkey=MIN_KEY_BITS, timeout=timeout
@@ -341,6 +352,110 @@ async def verify_dkim(
     return tuple(
         await asyncio.gather(*(_verify_one(d, i, lookup) for i, d in enumerate(copies)))
     )
+
+
+class _WorkerFailed(Exception):
+    """The process pool could not run the verification."""
+
+
+def _signatures(raw: bytes, limit: int) -> list[dict[bytes, bytes]] | None:
+    """The tags of the topmost ``limit`` DKIM-Signatures (headers only; cheap).
+
+    None when the header block does not parse; a signature whose tags do not
+    parse is an empty dict.
+    """
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[: end + 2]
+    try:
+        headers, _ = dkim.rfc822_parse(head + b"\r\n")
+    except Exception:
+        return None
+    out: list[dict[bytes, bytes]] = []
+    for name, value in headers:
+        if name.lower() != b"dkim-signature":
+            continue
+        try:
+            out.append(dict(dkim.util.parse_tag_value(value)))
+        except Exception:
+            out.append({})
+        if len(out) == limit:
+            break
+    return out
+
+
+def _key_name(sig: dict[bytes, bytes]) -> bytes | None:
+    if b"s" not in sig or b"d" not in sig:
+        return None
+    return sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+
+
+async def _verify_prefetched(raw: bytes, lookup: TxtLookup, processes: Executor,
+                             limit: int) -> tuple[SignatureResult, ...]:
+    sigs = _signatures(raw, limit)
+    if sigs is None:
+        if b"dkim-signature" not in raw.split(b"\r\n\r\n", 1)[0].lower():
+            return ()
+        return (SignatureResult("fail", reason="unparseable header"),)
+    if not sigs:
+        return ()
+    names = {n for n in (_key_name(sig) for sig in sigs) if n is not None}
+
+    async def fetch(name: bytes) -> tuple[bytes, bytes | None | DnsTrouble]:
+        try:
+            return name, await lookup(name)
+        except DnsTrouble as exc:
+            return name, exc
+
+    fetched = dict(await asyncio.gather(*(fetch(n) for n in names)))
+    keys = {n: v for n, v in fetched.items() if not isinstance(v, DnsTrouble)}
+    todo = [i for i, sig in enumerate(sigs) if not isinstance(fetched.get(_key_name(sig) or b""),
+                                                             DnsTrouble)]
+    loop = asyncio.get_running_loop()
+    try:
+        verdicts = await loop.run_in_executor(processes, verify_in_process, raw, keys, todo)
+    except Exception as exc:  # a broken worker process: the caller falls back
+        raise _WorkerFailed() from exc
+    results: list[SignatureResult] = []
+    for i, sig in enumerate(sigs):
+        trouble = fetched.get(_key_name(sig) or b"")
+        if isinstance(trouble, DnsTrouble):
+            word, reason = "temperror", _reason(trouble)
+        else:
+            word, reason = verdicts[i]
+        results.append(SignatureResult(word, _tag(sig, b"d"), _tag(sig, b"s"), _b_prefix(sig),
+                                       reason))
+    return tuple(results)
+
+
+def verify_in_process(raw: bytes, keys: dict[bytes, bytes | None],
+                      indexes: list[int]) -> dict[int, tuple[str, str]]:
+    """Verify signatures ``indexes`` of ``raw`` with prefetched ``keys``
+    (blocking; meant for a worker process).  Returns idx -> (result, reason)."""
+    out: dict[int, tuple[str, str]] = {}
+    if not indexes:
+        return out
+    try:
+        base = dkim.DKIM(raw, logger=_dkimpy_log, minkey=MIN_KEY_BITS)
+    except Exception as exc:
+        return {i: ("fail", _reason(exc) or "unparseable header") for i in indexes}
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        return keys.get(name)
+
+    for i in indexes:
+        d = copy.copy(base)
+        try:
+            ok = d.verify(idx=i, dnsfunc=dnsfunc)
+            if ok:
+                out[i] = ("pass", "")
+            else:
+                missing = keys.get(_key_name(d.signature_fields) or b"") is None
+                out[i] = ("fail", "missing public key" if missing else "signature did not verify")
+        except dkim.DKIMException as exc:
+            out[i] = ("fail", _reason(exc))
+        except Exception as exc:
+            out[i] = ("fail", f"unverifiable signature ({exc.__class__.__name__})")
+    return out
 
 
 def summarize(results: tuple[SignatureResult, ...]) -> str:

@@ -471,3 +471,64 @@ async def test_overlong_arc_chain_is_failed_without_lookups(executor: ThreadPool
     [ar] = header_values(v.edits, "Authentication-Results")
     assert "arc=fail" in ar
     assert dns_server.queries == []
+
+
+# ------------------------------------------------------------ large messages: worker processes
+
+
+async def test_large_messages_are_verified_in_a_worker_process(
+    executor: ThreadPoolExecutor, keyed_dns: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Above process_above the same verdicts come from a worker process (the
+    body hash there does not hold the event loop's GIL)."""
+    keyed_dns.set_timeout("to._domainkey.sender.test")
+    arc_key = rsa_key(slot=2)
+    keyed_dns.add_txt("arc._domainkey.example.com", arc_key.txt_record)
+    arc = {"arc_key": str(arc_key.write(tmp_path / "arc.pem")), "arc_selector": "arc",
+           "arc_domain": "example.com", "dns_timeout": 0.5}
+    good = sign(msg(), "sender.test")
+    cases = [
+        good,
+        good.replace(b"JVBERi0xLjQKJSVFT0YK", b"JVBERi0xLjcKJSVFT0YK"),
+        msg(),
+        sign(msg(), "sender.test", selector="to"),
+        sign(sign(msg(), "sender.test"), "unrelated.test"),
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=sender.test; s=sel; b=@@@; bh=x; h=from\r\n" + msg(),
+    ]
+    threads = make_filter(executor, keyed_dns, **arc)
+    procs = make_filter(executor, keyed_dns, **arc)
+    procs.process_above = 0
+    try:
+        for raw in cases:
+            a = await threads.check(mail(raw))
+            b = await procs.check(mail(raw))
+            assert dict(a.facts) == dict(b.facts)
+            assert header_values(a.edits, "Authentication-Results") == header_values(
+                b.edits, "Authentication-Results")
+            # Both sealed (timestamps may differ by a second; the set is there).
+            assert [e.name for e in a.edits if isinstance(e, AddHeader)] == [
+                e.name for e in b.edits if isinstance(e, AddHeader)]
+        assert threads._processes is None and procs._processes is not None
+        sealed = apply_edits(good, (await procs.check(mail(good))).edits)
+        cv, _results, reason = await in_thread(dkim.arc_verify, sealed, keyed_dns)
+        assert cv == b"pass", reason
+    finally:
+        await procs.aclose()
+        await threads.aclose()
+    assert procs._processes is None
+
+
+async def test_broken_worker_pool_falls_back_and_is_replaced(executor: ThreadPoolExecutor,
+                                                             keyed_dns: LoopbackDNS) -> None:
+    f = make_filter(executor, keyed_dns)
+    f.process_above = 0
+    try:
+        pool = f.processes(1)
+        assert pool is not None
+        pool.shutdown()  # a dead pool: submit raises
+        v = await f.check(mail(sign(msg(), "sender.test")))
+        assert v.facts["sender"] == "identified"  # verified in a thread instead
+        pool._broken = "test"  # type: ignore[union-attr]
+        assert f.processes(1) is not pool
+    finally:
+        await f.aclose()
