@@ -28,11 +28,13 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,6 +320,32 @@ def test_purge_under_a_shifted_clock(setup: Setup) -> None:
     setup.gw.flush_log()
     verify = mw(setup.config, "log", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_serve_purges_on_its_own_schedule(setup: Setup, tmp_path: Path) -> None:
+    """`mailwarden serve` (a second instance on the same store, 100 days later)
+    applies retention every store.purge_interval seconds."""
+    held, exe = setup.ids["personal"], setup.ids["exe"]
+    assert mw_inproc(setup.config, "quarantine", "hold", held, "--reason", "case 5").exit_code == 0
+    exe_path = setup.gw.store_path / setup.row(exe)["path"]
+    config, _ = write_config(tmp_path / "serve.toml", store=setup.gw.store_path,
+                             next_hop=setup.nh.address, store_extra={"purge_interval": 0.2})
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["faketime", "-f", "+100d", *CLI, "--config", str(config), "serve"],
+                            stdout=log, stderr=log, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while exe_path.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+    assert not exe_path.exists(), (tmp_path / "serve.log").read_text()
+    with sqlite3.connect(setup.gw.store_path / DB_NAME) as db:
+        assert [r[0] for r in db.execute("SELECT id FROM quarantine")] == [held]
+        commands = [r[0] for r in db.execute("SELECT command FROM audit")]
+    assert "purge (scheduled)" in commands
 
 
 # --------------------------------------------------- subject access, erase

@@ -123,6 +123,31 @@ async def test_list_uses_the_received_index(store: Store) -> None:
     assert "quarantine_received" in text and "TEMP B-TREE" not in text
 
 
+async def test_list_falls_back_to_a_scan_when_matches_are_sparse(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [await hold_item(store, clock, T0 + timedelta(minutes=n), subject=f"s{n}",
+                           reason="clamav" if n in (1, 2) else "attachment_types")
+           for n in range(12)]
+    await store.db.execute("UPDATE quarantine SET state = 'released' WHERE id IN (?, ?, ?)",
+                           (ids[0], ids[3], ids[11]))
+    expected = {}
+    for q in (review.ListQuery(state="released", limit=2),
+              review.ListQuery(state="released", limit=2, page=2),
+              review.ListQuery(reason="clamav"), review.ListQuery(limit=5, page=2),
+              review.ListQuery(state="released", limit=1, page=3),
+              review.ListQuery(state="released", until=iso(T0 + timedelta(minutes=5)))):
+        expected[q] = await review.list_items(store, q)
+    monkeypatch.setattr(review, "LIST_WINDOW", 2)
+    for q, result in expected.items():
+        assert await review.list_items(store, q) == result, q
+    released = expected[review.ListQuery(state="released", limit=2)]
+    assert [i["id"] for i in released[0]] == [ids[11], ids[3]] and released[1]
+    assert [i["id"] for i in expected[review.ListQuery(state="released", limit=2, page=2)][0]] \
+        == [ids[0]]
+    assert [i["id"] for i in expected[review.ListQuery(reason="clamav")][0]] == [ids[2], ids[1]]
+
+
 async def test_get_item_validates_ids(store: Store) -> None:
     with pytest.raises(review.Refusal) as exc:
         await review.get_item(store, "../../etc/passwd")
