@@ -9,22 +9,46 @@ and shared by all filters.  Nothing here mutates the message.
 from __future__ import annotations
 
 import email
+import email.feedparser
 import email.header
 import email.parser
 import email.policy
 import email.utils
 import enum
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
 from functools import cached_property
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("mailwarden.message")
 
-#: Parsing bounds (bad input gets a clear answer, never a blow-up).
+#: Parsing bounds (bad input gets a clear answer, never a blow-up).  Both are
+#: enforced *while* the email package parses (a message with a million tiny
+#: parts or 1,000 levels of nesting would otherwise cost minutes of CPU and
+#: hundreds of MB before any count could be checked).
 MAX_PARTS = 5000
 MAX_DEPTH = 100
+#: Header lines (physical lines, folded continuations included): the server
+#: refuses a message whose top-level header block has more (552, nothing
+#: parsed); the parser stops at more in all parts together.  10,000 headers
+#: cost about 0.3 s through the whole chain; each further 100,000 about 4 s.
+MAX_HEADER_LINES = 20000
+#: A Content-Type or Content-Disposition value longer than this (characters)
+#: or with more than MAX_PARAMS ``;`` is not parsed: the email package's
+#: parameter splitter is quadratic in the number of quoted ``;`` (a 1 MB
+#: header would take hours).  Legitimate headers are far below both.
+MAX_PARAM_HEADER = 16384
+MAX_PARAMS = 100
+#: Headers and parameters that must not be given twice with different values
+#: in one part: a filter and a mail client could pick different ones and see
+#: different parts or names (the CVE-2024-28054 class).
+SINGLE_HEADERS = ("content-type", "content-disposition", "content-transfer-encoding")
+SINGLE_PARAMS = (("content-type", "boundary"), ("content-type", "name"),
+                 ("content-disposition", "filename"))
 
 
 class Direction(enum.StrEnum):
@@ -35,6 +59,135 @@ class Direction(enum.StrEnum):
 
 class ParseError(Exception):
     """The message's MIME structure could not be parsed within our bounds."""
+
+
+class _BoundedMessage(Message):
+    """compat32 Message that refuses pathological parameter headers (see
+    :data:`MAX_PARAM_HEADER`) before the quadratic parameter splitter runs."""
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        value = self.get(header)
+        if value is not None:
+            text = str(value)
+            if len(text) > MAX_PARAM_HEADER or text.count(";") > MAX_PARAMS:
+                raise ParseError(
+                    f"{header} header too long or with too many parameters"
+                    f" (limits {MAX_PARAM_HEADER} characters, {MAX_PARAMS} parameters)"
+                )
+        return super()._get_params_preserve(failobj, header)  # type: ignore[misc]
+
+
+class _BoundedParser(email.feedparser.BytesFeedParser):
+    """The email package's parser, stopped as soon as the part count or the
+    nesting depth passes our bounds (``_new_message`` is where it opens every
+    part; ``_msgstack`` holds the parts enclosing it)."""
+
+    def __init__(self) -> None:
+        super().__init__(_BoundedMessage, policy=email.policy.compat32)
+        self.parts = 0
+        self.header_lines = 0
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        self.header_lines += len(lines)
+        if self.header_lines > MAX_HEADER_LINES:
+            raise ParseError(f"more than {MAX_HEADER_LINES} header lines")
+        super()._parse_headers(lines)  # type: ignore[misc]
+
+    def _new_message(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise ParseError(f"more than {MAX_PARTS} MIME parts")
+        if len(self._msgstack) > MAX_DEPTH:  # type: ignore[attr-defined]
+            raise ParseError(f"MIME nesting deeper than {MAX_DEPTH}")
+        super()._new_message()  # type: ignore[misc]
+
+
+def header_lines(raw: bytes, limit: int = MAX_HEADER_LINES) -> int:
+    """Physical lines in the top-level header block of ``raw`` (CRLF line
+    ends), counted up to ``limit + 1`` at most: cheap on any input."""
+    pos = count = 0
+    end = len(raw)
+    while pos < end and count <= limit:
+        nl = raw.find(b"\r\n", pos)
+        if nl == pos:  # the blank line: the body starts
+            break
+        count += 1
+        if nl < 0:
+            break
+        pos = nl + 2
+    return count
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = email.utils.collapse_rfc2231_value(value)
+    return decode_header_value(email.utils.unquote(str(value))) or ""
+
+
+def check_unambiguous(part: Message) -> None:
+    """Raise :class:`ParseError` when ``part`` gives a MIME header or a
+    boundary/name/filename parameter twice with different values."""
+    for name in SINGLE_HEADERS:
+        values = part.get_all(name) or []
+        if len({" ".join(str(v).split()).lower() for v in values}) > 1:
+            raise ParseError(f"ambiguous MIME part: {len(values)} different {name} headers")
+    for header, param in SINGLE_PARAMS:
+        if header not in part:
+            continue
+        try:
+            params = part.get_params(header=header) or []
+        except ParseError:
+            raise
+        except Exception:
+            continue
+        found = {_param_value(v) for k, v in params[1:] if k.strip().lower() == param}
+        if len(found) > 1:
+            raise ParseError(f"ambiguous MIME part: {header} has {len(found)} different"
+                             f" {param} parameters")
+
+
+_T = TypeVar("_T")
+
+
+class _Failed:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _once(Generic[_T]):  # noqa: N801 - used like functools.cached_property
+    """Like ``functools.cached_property``, for the expensive MIME results.
+
+    The lock is the instance's own: Python 3.11's ``cached_property`` holds
+    one lock for *all* instances, so one slow parse in a worker thread would
+    stall every other message's access, the event loop's included.  A
+    :class:`ParseError` is remembered too, so that a message that cannot be
+    parsed is tried once, not once per filter.
+    """
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.key = "_once_" + func.__name__
+        self.__doc__ = func.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> _T:
+        if instance is None:
+            return self  # type: ignore[return-value]
+        cache = instance.__dict__
+        value = cache.get(self.key, _Failed)
+        if value is _Failed:
+            with instance._lock:
+                value = cache.get(self.key, _Failed)
+                if value is _Failed:
+                    try:
+                        value = self.func(instance)
+                    except ParseError as exc:
+                        value = _Failed(str(exc))
+                    cache[self.key] = value
+        if isinstance(value, _Failed):
+            raise ParseError(value.reason)
+        return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +289,7 @@ class Mail:
         self.direction = direction
         self.received = received
         self.mail_options = tuple(mail_options)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Mail {self.queue_id} {self.direction} {len(self.raw)} bytes>"
@@ -186,29 +340,25 @@ class Mail:
 
     # ------------------------------------------------------------------ parsing
 
-    @cached_property
+    @_once
     def parsed(self) -> Message:
-        """The parsed message (email package, compat32, once).  May raise
-        :class:`ParseError` when the structure is beyond our bounds."""
+        """The parsed message (email package, compat32, once).  Raises
+        :class:`ParseError` when the structure is beyond our bounds
+        (:data:`MAX_PARTS`, :data:`MAX_DEPTH`, :data:`MAX_PARAM_HEADER`) or
+        ambiguous (:func:`check_unambiguous`)."""
+        parser = _BoundedParser()
         try:
-            msg = email.message_from_bytes(self.raw, policy=email.policy.compat32)
-        except Exception as exc:  # pragma: no cover - the parser is lenient
+            parser.feed(self.raw)
+            msg = parser.close()
+        except ParseError:
+            raise
+        except Exception as exc:  # RecursionError, MemoryError, parser bugs
             raise ParseError(f"unparseable message: {exc.__class__.__name__}") from exc
-        count = 0
-        stack: list[tuple[Message, int]] = [(msg, 0)]
-        while stack:
-            part, depth = stack.pop()
-            count += 1
-            if count > MAX_PARTS:
-                raise ParseError(f"more than {MAX_PARTS} MIME parts")
-            if depth > MAX_DEPTH:
-                raise ParseError(f"MIME nesting deeper than {MAX_DEPTH}")
-            payload = part.get_payload()
-            if isinstance(payload, list):
-                stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+        for part in msg.walk():
+            check_unambiguous(part)
         return msg
 
-    @cached_property
+    @_once
     def attachments(self) -> tuple[Attachment, ...]:
         """Every attachment and every inline part that is not a text body.
 
