@@ -31,6 +31,7 @@ SESSION_TIMEOUT = "421 4.4.2 {} idle timeout, closing connection"
 
 # Permanent refusals of bad input.
 MESSAGE_TOO_BIG = "552 5.3.4 message size exceeds fixed limit ({} bytes)"
+HEADER_TOO_BIG = "552 5.3.4 message header exceeds fixed limit ({} lines)"
 BARE_NEWLINE = "550 5.5.2 message refused: bare CR or LF in message data (RFC 5321 2.3.8)"
 NUL_IN_DATA = "550 5.6.0 message refused: NUL character in message data"
 NO_VALID_RECIPIENTS = "554 5.5.1 no valid recipients"

@@ -33,7 +33,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from filters.base import FilterContext
 from gateway import replies
 from gateway.config import Config, parse_hostport
-from gateway.message import Direction, Mail
+from gateway.message import MAX_HEADER_LINES, Direction, Mail, header_lines
 from gateway.pipeline import Pipeline, build_chain
 from gateway.relay import NextHopFailure, Relay
 
@@ -289,6 +289,12 @@ class GatewaySMTP(SMTP):
                 return b"", replies.BARE_NEWLINE if bare else replies.NUL_IN_DATA
             # normalize: every line ending becomes CRLF, NULs are dropped.
             data = bytearray(re.sub(rb"\r\n|\r|\n", b"\r\n", data).replace(b"\0", b""))
+        if header_lines(data) > MAX_HEADER_LINES:
+            # Refused before anything parses it: header parsing is the
+            # per-line cost that message size alone does not bound.
+            log.warning("%s refused DATA with more than %d header lines",
+                        self.session.peer_addr, MAX_HEADER_LINES)
+            return b"", replies.HEADER_TOO_BIG.format(MAX_HEADER_LINES)
         return bytes(data), None
 
 
