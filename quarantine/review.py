@@ -694,7 +694,7 @@ async def erase(store: Store, subject: SubjectData, *, audit_seq: int) -> dict[s
 
 
 __all__ = [
-    "COLUMNS", "STATES", "IntegrityError", "ListQuery", "MessageView", "Refusal", "SubjectData",
+    "COLUMNS", "LIST_WINDOW", "STATES", "IntegrityError", "ListQuery", "MessageView", "Refusal", "SubjectData",
     "audit_rows", "clean_text", "commit_private_output", "delete_item", "describe", "erase",
     "find_subject", "get_item", "infected", "list_items", "mark_released",
     "normalize_address", "open_private_output", "public", "read_message", "release_recipients",
