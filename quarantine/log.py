@@ -357,7 +357,7 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
     span = f" (seq {lo}..{hi})" if checked else ""
     extra = f"; erased records: {', '.join(map(str, erased))}" if erased else ""
     origin = "genesis" if anchor == GENESIS else f"anchor {anchor[:12]}..."
-    return VerifyResult(True, None, f"log chain intact: {checked} records{span} from {origin}{extra}")
+    return VerifyResult(True, None, f"log chain intact: {checked} record{'' if checked == 1 else 's'}{span} from {origin}{extra}")
 
 
 async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:

@@ -14,8 +14,10 @@ bodies and attachments of relayed and held mail is nowhere under
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import secrets
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -166,7 +168,7 @@ def test_one_record_per_message_whatever_the_outcome(
     assert (cv["outcome"], cv["virus"]) == ("quarantine", EICAR_NAME)
     (att,) = held["attachments"]
     assert att["name"] == "eicar.com" and att["size"] == len(eicar())
-    assert att["sha256"] == __import__("hashlib").sha256(eicar()).hexdigest()
+    assert att["sha256"] == hashlib.sha256(eicar()).hexdigest()
     assert held["_index"] == ["b@example.com", "held@ext.test"]
     # the quarantine item carries the personal flag too
     db = sqlite3.connect(gw.store_path / DB_NAME)
@@ -197,8 +199,8 @@ def _needles(canary: str, raw: bytes) -> list[bytes]:
 def test_canary_never_reaches_the_database(
     make_gateway: Callable[..., Gateway], next_hop: NextHop, clamd: Clamd
 ) -> None:
-    relayed_canary = "CANARY-R-" + __import__("secrets").token_hex(16)
-    held_canary = "CANARY-Q-" + __import__("secrets").token_hex(16)
+    relayed_canary = "CANARY-R-" + secrets.token_hex(16)
+    held_canary = "CANARY-Q-" + secrets.token_hex(16)
 
     def carrier(canary: str, virus: bool) -> bytes:
         atts = [("notes.txt", "text/plain", f"attachment text {canary} end".encode()),
