@@ -532,3 +532,13 @@ async def test_broken_worker_pool_falls_back_and_is_replaced(executor: ThreadPoo
         assert f.processes(1) is not pool
     finally:
         await f.aclose()
+
+
+async def test_unparseable_structure_counts_as_attachments(executor: ThreadPoolExecutor,
+                                                           keyed_dns: LoopbackDNS) -> None:
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(5005))
+    raw = (b"From: a@sender.test\r\nSubject: many\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--\r\n")
+    v = await make_filter(executor, keyed_dns).check(mail(raw))
+    assert v.facts["external_attachments"] is True  # fail closed: warn by subject and header
+    assert header_values(v.edits, "X-Mailwarden-External") == ["attachments; sender=unidentified"]
