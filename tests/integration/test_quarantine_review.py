@@ -47,8 +47,8 @@ from tests.support.eicar import EICAR_NAME, eicar
 from tests.support.harness import Gateway, NextHop, make_message
 from tests.support.process import REPO, write_config
 
-#: The real entry point (the same function the ``mailwarden`` script calls).
-CLI = [sys.executable, "-c", "from gateway.cli import main; main()"]
+#: The real CLI, as a process.
+CLI = [sys.executable, "-m", "gateway.cli"]
 CHAIN = ["clamav", "attachment_types", "personal", "header_log"]
 EXE = b"MZ\x90\x00\x03" + b"\x00" * 300
 USER = pwd.getpwuid(os.getuid()).pw_name
