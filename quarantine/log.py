@@ -313,15 +313,16 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
 
     Returns ``(True, None, summary)`` or ``(False, seq, message)`` naming the
     first bad record (seq, queue id, time) and how many records are bad in
-    all (after a break the check resumes, so one edit counts once).
+    all (after a break the check resumes, so one edit counts once).  An
+    erasure tombstone must be confirmed by its ``erase`` audit row (which
+    lists the erased seqs); :func:`verify_audit` proves that row authentic.
     """
     anchor = await _meta(store, "log_anchor")
     prevs: tuple[str, ...] = (anchor,)
-    first: Row | None = None
-    why = ""
+    failures: list[tuple[Row, str]] = []  # the first one, then (row, "") per other
     bad = 0
     checked = 0
-    erased: list[int] = []
+    erased: dict[int, list[Row]] = {}  # audit seq -> tombstones
     lo = hi = None
     prev_seq: int | None = None
     async for page in iter_pages(store, LogQuery(), page_size):
@@ -333,13 +334,13 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
                 # *and* the hashes rewritten; report the gap anyway
                 reason = f"records seq {prev_seq + 1}..{row.seq - 1} are missing"
             if is_erased:
-                erased.append(row.seq)
+                erased.setdefault(int(json.loads(row.record).get("audit_seq", 0)), []).append(row)
             if reason is None:
                 prevs = (row.hash,)
             else:
                 bad += 1
-                if first is None:
-                    first, why = row, reason
+                if not failures:
+                    failures.append((row, reason))
                 # resume from either the stored hash (the record was edited)
                 # or the hash its content implies (the hash was edited)
                 prevs = (row.hash, *(chain_hash(p, row.record) for p in prevs))
@@ -347,7 +348,16 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
             checked += 1
             lo = row.seq if lo is None else lo
             hi = row.seq
-    if first is not None:
+    for audit_seq, rows in erased.items():
+        listed = await _erased_by(store, audit_seq)
+        for r in rows:
+            if listed is None or r.seq in listed:
+                continue
+            bad += 1
+            failures.append((r, f"erased, but audit row {audit_seq} is not an erase"
+                                f" command listing it"))
+    if failures:
+        first, why = min(failures, key=lambda f: f[0].seq)
         return VerifyResult(
             False,
             first.seq,
@@ -355,9 +365,40 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
             f" time {first.time}): {why}; {bad} of {checked} records fail",
         )
     span = f" (seq {lo}..{hi})" if checked else ""
-    extra = f"; erased records: {', '.join(map(str, erased))}" if erased else ""
+    extra = ""
+    if erased:
+        seqs = sorted(r.seq for rows in erased.values() for r in rows)
+        shown = ", ".join(map(str, seqs[:20])) + (", ..." if len(seqs) > 20 else "")
+        audits = ", ".join(map(str, sorted(erased)))
+        extra = f"; erased records: {len(seqs)} (seq {shown}; erase audit seq {audits})"
     origin = "genesis" if anchor == GENESIS else f"anchor {anchor[:12]}..."
-    return VerifyResult(True, None, f"log chain intact: {checked} record{'' if checked == 1 else 's'}{span} from {origin}{extra}")
+    plural = "" if checked == 1 else "s"
+    return VerifyResult(
+        True, None, f"log chain intact: {checked} record{plural}{span} from {origin}{extra}"
+    )
+
+
+async def _erased_by(store: Store, audit_seq: int) -> set[int] | None:
+    """The log seqs the ``erase`` audit row ``audit_seq`` lists (empty when it
+    is missing or not an erase), or None when that audit row has itself been
+    purged by audit retention (nothing left to check against)."""
+    async with store.db.execute(
+        "SELECT command, detail FROM audit WHERE seq = ?", (audit_seq,)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        async with store.db.execute("SELECT min(seq) FROM audit") as cur:
+            oldest = (await cur.fetchone() or (None,))[0]
+        if oldest is not None and 0 < audit_seq < oldest:
+            return None
+        return set()
+    command, detail = row
+    if command != "erase":
+        return set()
+    try:
+        return {int(s) for s in json.loads(detail).get("log_seqs") or ()}
+    except (ValueError, TypeError, AttributeError):
+        return set()
 
 
 async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:

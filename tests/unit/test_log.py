@@ -124,16 +124,29 @@ async def test_purge_with_anchor_keeps_the_chain_verifiable(store: Store) -> Non
 
 
 async def test_erased_record_is_accepted_and_named(store: Store) -> None:
-    await sql(store, "UPDATE log SET record = ?, queue_id = '', direction = '' WHERE seq = 6",
-              erased_record("2026-11-23T00:00:00.000000Z", 42))
-    await sql(store, "DELETE FROM log_address WHERE seq = 6")
+    async def tombstone(seq: int, audit_seq: int) -> None:
+        await sql(store, "UPDATE log SET record = ?, queue_id = '', direction = ''"
+                  " WHERE seq = ?", erased_record("2026-11-23T00:00:00.000000Z", audit_seq), seq)
+        await sql(store, "DELETE FROM log_address WHERE seq = ?", seq)
+
+    audit_seq = await store.audit("erase", targets=["u0@example.com"],
+                                  detail={"log_seqs": [3, 6]})
+    await tombstone(6, audit_seq)
     ok, _, msg = await logmod.verify(store)
-    assert ok and "erased records: 6" in msg
+    assert ok and f"erased records: 1 (seq 6; erase audit seq {audit_seq})" in msg, msg
+    # a tombstone its erase command does not list, or without an erase command
+    await tombstone(7, audit_seq)
+    ok, bad, msg = await logmod.verify(store)
+    assert not ok and bad == 7 and "is not an erase command listing it" in msg, msg
+    assert "1 of 10 records fail" in msg
+    await tombstone(7, audit_seq + 5)
+    ok, bad, msg = await logmod.verify(store)
+    assert not ok and bad == 7 and f"audit row {audit_seq + 5} is not an erase" in msg, msg
     # a "tombstone" that carries anything else is an edit, not an erasure
     await sql(store, "UPDATE log SET record = ? WHERE seq = 7",
               json.dumps({"erased": True, "subject": "x"}))
     ok, bad, msg = await logmod.verify(store)
-    assert not ok and bad == 7, msg
+    assert not ok and bad == 7 and "hash does not match" in msg, msg
 
 
 async def test_verify_audit_detects_edits(store: Store) -> None:
