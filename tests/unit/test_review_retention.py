@@ -376,6 +376,6 @@ async def test_erase_tombstones_log_records_and_keeps_the_chain(
     assert records[0] == {"erased": True, "erased_at": iso(clock.now), "audit_seq": 7}
     assert records[1]["subject"] == "two"
     result = await verify(store)
-    assert result.ok and "erased records: 1, 3" in result.message
+    assert result.ok and "erased" in result.message and "1, 3" in result.message
     again = await review.find_subject(store, "bob@example.com")
     assert again.log_seqs == [] and again.item_ids == [keep]
