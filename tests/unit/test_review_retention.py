@@ -368,12 +368,14 @@ async def test_erase_tombstones_log_records_and_keeps_the_chain(
     gone_path = files.message_path(store.root, (await review.get_item(store, gone))["path"])
     subject = await review.find_subject(store, "bob@example.com")
     assert subject.log_seqs == [1, 3] and set(subject.item_ids) == {keep, gone}
-    result = await review.erase(store, subject, audit_seq=7)
+    seq = await store.audit("erase", targets=["bob@example.com"], reason="request",
+                            detail={"log_seqs": subject.log_seqs})
+    result = await review.erase(store, subject, audit_seq=seq)
     assert result["log_records"] == 2 and result["quarantine_items"] == 1
     assert result["kept_under_hold"] == [keep]
     assert not gone_path.exists()
     records = [json.loads(r[0]) for r in await rows(store, "SELECT record FROM log ORDER BY seq")]
-    assert records[0] == {"erased": True, "erased_at": iso(clock.now), "audit_seq": 7}
+    assert records[0] == {"erased": True, "erased_at": iso(clock.now), "audit_seq": seq}
     assert records[1]["subject"] == "two"
     result = await verify(store)
     assert result.ok and "erased" in result.message and "1, 3" in result.message
