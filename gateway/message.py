@@ -46,6 +46,8 @@ MAX_PARAMS = 100
 #: Headers and parameters that must not be given twice with different values
 #: in one part: a filter and a mail client could pick different ones and see
 #: different parts or names (the CVE-2024-28054 class).
+#: Bytes fed to the parser at a time.
+FEED_CHUNK = 64 * 1024
 SINGLE_HEADERS = ("content-type", "content-disposition", "content-transfer-encoding")
 SINGLE_PARAMS = (("content-type", "boundary"), ("content-type", "name"),
                  ("content-disposition", "filename"))
@@ -347,8 +349,12 @@ class Mail:
         (:data:`MAX_PARTS`, :data:`MAX_DEPTH`, :data:`MAX_PARAM_HEADER`) or
         ambiguous (:func:`check_unambiguous`)."""
         parser = _BoundedParser()
+        raw = self.raw
         try:
-            parser.feed(self.raw)
+            # In chunks, as email.parser does: the bounds then trip before
+            # the whole message has been split into lines.
+            for start in range(0, len(raw), FEED_CHUNK):
+                parser.feed(raw[start : start + FEED_CHUNK])
             msg = parser.close()
         except ParseError:
             raise
