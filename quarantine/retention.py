@@ -54,9 +54,14 @@ async def _count(store: Store, sql: str, args: tuple[Any, ...]) -> int:
 
 
 async def _prefix_end(store: Store, table: str, cutoff: str) -> int:
-    """The last seq of the chain prefix whose rows are all older than ``cutoff`` (0: none)."""
+    """The last seq of the chain prefix whose rows are all older than ``cutoff`` (0: none).
+
+    ``time || ''`` keeps SQLite off the time index, so it walks the primary
+    key from the oldest row and stops at the first one to keep: the cost is
+    the number of expired rows, not the size of the log.
+    """
     async with store.db.execute(
-        f"SELECT seq FROM {table} WHERE time >= ? ORDER BY seq LIMIT 1", (cutoff,)
+        f"SELECT seq FROM {table} WHERE time || '' >= ? ORDER BY seq LIMIT 1", (cutoff,)
     ) as cur:
         row = await cur.fetchone()
     if row is not None:

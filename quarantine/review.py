@@ -177,8 +177,9 @@ async def list_items(store: Store, q: ListQuery) -> tuple[list[dict[str, Any]], 
        (dense matches, the usual case: well under a millisecond);
     2. if the window holds fewer matches than the page needs (a rare state or
        reason, an address seen long ago), one sequential scan with a top-N sort
-       (``ORDER BY +received`` keeps SQLite off the index, whose random row
-       lookups cost thirty times more than reading the table in order).
+       (ordering by the expression ``received || ''`` keeps SQLite off the
+       index, whose random row lookups cost thirty times more than reading
+       the table in order).
     """
     where: list[str] = []
     args: list[Any] = []
@@ -216,7 +217,7 @@ async def list_items(store: Store, q: ListQuery) -> tuple[list[dict[str, Any]], 
     if where and offset > LIST_WINDOW:
         # A deep page of a filtered list: straight to the sequential scan.
         async with store.db.execute(
-            base + " ORDER BY +received DESC LIMIT ? OFFSET ?", [*rng_args, *args, need, offset]
+            base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?", [*rng_args, *args, need, offset]
         ) as cur:
             rows = list(await cur.fetchall())
     elif edge is None or where:
@@ -230,7 +231,7 @@ async def list_items(store: Store, q: ListQuery) -> tuple[list[dict[str, Any]], 
             rows = list(await cur.fetchall())
         if edge is not None and len(rows) < need:
             async with store.db.execute(
-                base + " ORDER BY +received DESC LIMIT ? OFFSET ?",
+                base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?",
                 [*rng_args, *args, need, offset],
             ) as cur:
                 rows = list(await cur.fetchall())
