@@ -88,7 +88,13 @@ def test_metrics_move_and_healthz_follows_dependencies(
 
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as idle:
             idle.ehlo("client.ext.test")
-            m1 = scrape(mport)
+            # earlier sessions may still be closing on the server's side
+            deadline = time.monotonic() + 10
+            while True:
+                m1 = scrape(mport)
+                if value(m1, "mailwarden_sessions_in_flight") == 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         inbound = {d: value(m1, "mailwarden_messages_total", direction="inbound", disposition=d)
                    for d in ("relayed", "quarantined", "tempfailed")}
         assert inbound == {"relayed": 1, "quarantined": 1, "tempfailed": 1}
