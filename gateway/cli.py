@@ -129,7 +129,12 @@ async def _serve(config: Config) -> int:
     if config.gateway.metrics_listen:
         from gateway.metrics import start_metrics
 
-        metrics, metrics_server = await start_metrics(config, store)
+        try:
+            metrics, metrics_server = await start_metrics(config, store)
+        except OSError as exc:
+            log.error("cannot listen on %s for metrics: %s", config.gateway.metrics_listen, exc)
+            await store.close()
+            return 1
         observers.append(metrics)
     gateway = Gateway(config, store=store, observers=observers)
     if metrics_server is not None:

@@ -156,12 +156,19 @@ def is_erased(payload: str) -> bool:
 
 
 def os_user() -> tuple[str, int]:
-    """The OS user from the real uid (who ran the command)."""
+    """The OS user from the real uid (who ran the command).
+
+    Under sudo (e.g. ``sudo -u mailwarden mailwarden quarantine show ...``) the
+    invoking user is recorded too: ``mailwarden (sudo: alice)``.
+    """
     uid = os.getuid()
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         name = str(uid)
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and sudo_user != name:
+        name = f"{name} (sudo: {''.join(c for c in sudo_user if c.isprintable())[:64]})"
     return name, uid
 
 
