@@ -35,6 +35,7 @@ from tests.support.harness import NextHop
 from tests.support.served import (
     INBOUND,
     ServedGateway,
+    long_lines_allowed,
     proc_status,
     quarantine_row,
     reset_peak_rss,
@@ -56,8 +57,7 @@ def long_lines_next_hop() -> Iterator[NextHop]:
     """A next hop that, like Postfix, accepts lines longer than 1,000 octets
     (aiosmtpd enforces RFC 5321's limit by default; the 1 MB header line is
     about the gateway, not about the next hop's policy)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harness._RecordingSMTP, "line_length_limit", 4 << 20)
+    with long_lines_allowed():
         nh = NextHop()
         try:
             yield nh

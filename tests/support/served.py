@@ -18,6 +18,7 @@ Used by the hostile-input, corpus, fault and soak tests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -25,11 +26,12 @@ import smtplib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support import harness
 from tests.support.harness import NextHop
 from tests.support.process import GatewayProcess, write_config
 
@@ -177,6 +179,21 @@ def settle(answer: Answer, next_hop: NextHop, store: Path, *, what: str = "") ->
         assert REASON.match(answer.text), f"{label}: no reason given"
         assert delivered == [], f"{label}: refused but delivered"
     return kind
+
+
+@contextlib.contextmanager
+def long_lines_allowed() -> Iterator[None]:
+    """Inside the block, test next hops accept lines longer than 1,000
+    octets (checked per connection, so keep the block open while the next
+    hop serves), as Postfix does (aiosmtpd enforces RFC 5321's limit and answers
+    ``500 Line too long``, which is the test next hop's policy, not the
+    gateway's)."""
+    old = harness._RecordingSMTP.line_length_limit
+    harness._RecordingSMTP.line_length_limit = 4 << 20
+    try:
+        yield
+    finally:
+        harness._RecordingSMTP.line_length_limit = old
 
 
 # ------------------------------------------------------------------ processes
