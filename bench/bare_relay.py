@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import struct
 from typing import Any
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--clamd", help="clamd unix socket: scan each message once")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
+    # Only trouble is logged (aiosmtpd logs every command at INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.uvloop:
         import uvloop
 

@@ -55,13 +55,18 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 import messages  # noqa: E402  (bench/ on sys.path)
+import peers  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: What the ``mailwarden`` console script runs.
+MAILWARDEN_MAIN = "import sys; from gateway.cli import main; sys.argv[0] = 'mailwarden'; main()"
 
 ALL_TARGETS = ("sink", "bare", "bare+uv", "bare+scan", "bare+scan+uv",
                "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv")
+#: Added by --peers (bench/peers.py).
+PEER_TARGETS = ("amavis", "clamsmtp")
 
 #: Which bare relay each target is compared with (same event loop).
 BASELINE = {
@@ -71,13 +76,13 @@ BASELINE = {
 }
 
 #: Messages per cell: (1 session, more sessions).  --messages overrides.
-COUNTS = {"small": (800, 2000), "attach": (500, 1000), "virus": (500, 1000), "big": (16, 40)}
+COUNTS = {"small": (600, 2000), "attach": (400, 1000), "virus": (400, 1000), "big": (12, 30)}
 QUICK_COUNTS = {"small": (150, 400), "attach": (100, 200), "virus": (100, 200), "big": (4, 8)}
 
 
 def scans(target: str) -> bool:
     """True for targets that scan for viruses (virus messages must not arrive)."""
-    return "scan" in target or target.startswith("mw-full")
+    return "scan" in target or target.startswith("mw-full") or target in PEER_TARGETS
 
 
 def free_port() -> int:
@@ -108,6 +113,39 @@ def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (amavisd's children, for instance)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def tree_ticks(root: int) -> int:
+    """CPU ticks of a process tree: live members plus the children they reaped."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total
 
 
 def vm_hwm_kb(pid: int) -> int:
@@ -196,67 +234,15 @@ class Sink:
 # ---------------------------------------------------------------------- clamd
 
 
-class _LocalClamd:
-    """A minimal private clamd (used when tests/support/clamd.py is absent)."""
+def start_clamd(tcp: bool = False) -> Any:
+    """The suite's private clamd (tests/support/clamd.py: offline signature DB), started.
 
-    def __init__(self) -> None:
-        import hashlib
+    ``tcp``: also listen on 127.0.0.1 (amavisd-new, running as its own user,
+    cannot use the root-owned unix socket).
+    """
+    from tests.support.clamd import Clamd
 
-        clamd = shutil.which("clamd") or "/usr/sbin/clamd"
-        self.workdir = Path(tempfile.mkdtemp(prefix="mw-bench-clamd-"))
-        self.socket = str(self.workdir / "clamd.sock")
-        db = self.workdir / "db"
-        db.mkdir()
-        (db / "bench.ndb").write_text(f"Eicar-Test-Signature:0:*:{messages.eicar().hex()}\n")
-        lines = []
-        testfiles = Path("/usr/share/clamav-testfiles")
-        if testfiles.is_dir():
-            for p in sorted(testfiles.iterdir()):
-                if p.is_file():
-                    data = p.read_bytes()
-                    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-                    lines.append(f"{md5}:{len(data)}:ClamAV-Test-File.{p.name}\n")
-        if lines:
-            (db / "bench.hdb").write_text("".join(lines))
-        (self.workdir / "tmp").mkdir()
-        conf = self.workdir / "clamd.conf"
-        conf.write_text(
-            f"Foreground yes\nLocalSocket {self.socket}\nDatabaseDirectory {db}\n"
-            f"TemporaryDirectory {self.workdir / 'tmp'}\nLogFile {self.workdir / 'clamd.log'}\n"
-            "MaxThreads 4\nScanMail yes\nScanArchive yes\nStreamMaxLength 60M\n"
-            "AlertExceedsMax yes\nBytecode no\nSelfCheck 3600\n"
-        )
-        self._proc = subprocess.Popen([clamd, f"--config-file={conf}"],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-
-    def start(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"clamd exited with {self._proc.returncode}")
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(1)
-                s.connect(self.socket)
-                s.sendall(b"nPING\n")
-                if s.recv(16) == b"PONG\n":
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("clamd did not answer PING within 60 s")
-
-    def close(self) -> None:
-        stop_process(self._proc)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_clamd() -> Any:
-    """The suite's clamd helper if present, else the local one; started."""
-    try:
-        from tests.support.clamd import Clamd
-    except ImportError:
-        clamd: Any = _LocalClamd()
-    else:
-        clamd = Clamd()
+    clamd = Clamd(tcp=tcp)
     clamd.start()
     return clamd
 
@@ -325,6 +311,10 @@ class Target:
         work.mkdir(parents=True, exist_ok=True)
         self.log_path = work / "stderr.log"
         self.log_offset = 0
+        if self.name in PEER_TARGETS:
+            self.proc = self._start_peer(env, work)
+            wait_smtp(self.port, self.proc, timeout=120)
+            return
         if self.name.startswith("bare"):
             argv = [py, str(BENCH / "bare_relay.py"), "--listen", f"127.0.0.1:{self.port}",
                     "--next-hop", f"127.0.0.1:{env.sink.port}"]
@@ -337,18 +327,39 @@ class Target:
             conf = gateway_config(work / "config.toml", listen=self.port, sink=env.sink.port,
                                   store=work / "store", chain=chain,
                                   clamd_socket=env.clamd_socket)
-            entry = [str(BENCH / "uvloop_serve.py")] if uv else ["-m", "gateway.cli"]
+            # Not ``-m gateway.cli``: that runs cli.py twice (as __main__ and as
+            # gateway.cli when quarantine's commands import it).
+            entry = [str(BENCH / "uvloop_serve.py")] if uv else ["-c", MAILWARDEN_MAIN]
             argv = [py, *entry, "serve", "--config", str(conf)]
-        pypath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        src = str(env.src)
+        argv = [a.replace(str(BENCH), str(env.src / "bench")) for a in argv]
+        pypath = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            argv, cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv, cwd=src, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("wb"), env={**os.environ, "PYTHONPATH": pypath},
         )
         wait_smtp(self.port, self.proc)
 
+    def _start_peer(self, env: Env, work: Path) -> subprocess.Popen[bytes]:
+        assert self.log_path is not None
+        if self.name == "amavis":
+            return peers.start_amavis(work, port=self.port, sink=env.sink.port,
+                                      clamd_tcp=env.clamd_tcp, stderr=self.log_path)
+        return peers.start_clamsmtp(work, port=self.port, sink=env.sink.port,
+                                    clamd_socket=env.clamd_socket, stderr=self.log_path)
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
+
+    def died(self) -> str | None:
+        """If the process has exited: its status and the end of its stderr."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        tail = ""
+        if self.log_path is not None and self.log_path.exists():
+            tail = self.log_path.read_bytes()[-1500:].decode("utf-8", "replace")
+        return f"{self.name} exited with status {self.proc.returncode}:\n{tail}"
 
     def dispositions(self, expected: int, timeout: float = 5) -> Counter[str]:
         """Count mailwarden's per-message log lines since the last call."""
@@ -375,7 +386,26 @@ class Env:
     clamd_socket: str
     clamd_pid: int | None
     full_chain: tuple[str, ...]
+    src: Path = ROOT
+    clamd_tcp: str = ""
     generation: int = 0
+
+
+#: What a target process imports: copied once per run (see snapshot()).
+SNAPSHOT_DIRS = ("gateway", "filters", "quarantine", "bench")
+
+
+def snapshot(dest: Path) -> Path:
+    """Copy the code under test so every process of this run runs the same code.
+
+    Editing the work tree while a long run is under way (or another developer
+    committing to it) would otherwise mix versions between cells.
+    """
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SNAPSHOT_DIRS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    return dest
 
 
 # ----------------------------------------------------------------------- cells
@@ -396,6 +426,8 @@ class Sample:
     rss_mb: float | None
     dispositions: dict[str, int] = field(default_factory=dict)
     source_rc: int = 0
+    #: share of the machine's CPU used by processes outside the benchmark
+    other_load: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -426,30 +458,69 @@ def warm_up(target: Target, env: Env, path: Path, mset: str) -> None:
     target.dispositions(count, timeout=2)
 
 
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of the whole machine (all CPUs) from /proc/stat."""
+    with open("/proc/stat") as fh:
+        vals = [int(v) for v in fh.readline().split()[1:9]]
+    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
+
+
+def own_ticks(target: int | None, pids: list[int]) -> int:
+    """Ticks used by the benchmark: the target's process tree, ``pids``, this
+    process and its waited children (smtp-source)."""
+    own = os.times()
+    total = round((own.user + own.system + own.children_user + own.children_system) * CLK_TCK)
+    if target is not None:
+        total += tree_ticks(target)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_ticks(pid)
+    return total
+
+
 def measure(target: Target, env: Env, path: Path, mset: str, sessions: int,
             count: int) -> Sample:
+    dead = target.died()
+    if dead:
+        print(f"  {dead}\n  restarting {target.name}", file=sys.stderr)
+        target.start(env)
+        warm_up(target, env, path, mset)
     before_sink = env.sink.settle(0.05)
     pid = target.pid
+    tree = process_tree(pid) if pid is not None else []
+    ours = [env.sink.proc.pid, *([env.clamd_pid] if env.clamd_pid else [])]
     if pid is not None:
-        reset_hwm(pid)
-        cpu0 = cpu_ticks(pid)
+        for p in tree:
+            with contextlib.suppress(OSError):
+                reset_hwm(p)
+        cpu0 = tree_ticks(pid)
     cl0 = cpu_ticks(env.clamd_pid) if env.clamd_pid else 0
+    busy0, own0 = machine_busy_ticks(), own_ticks(pid, ours)
     t0 = time.perf_counter()
     rc = smtp_source(target.port, path, sessions, count,
                      timeout=120 + count * (2.0 if mset == "big" else 0.2))
     wall = time.perf_counter() - t0
+    busy1, own1 = machine_busy_ticks(), own_ticks(pid, ours)
+    other = max(0, (busy1 - busy0) - (own1 - own0)) / (wall * CLK_TCK * (os.cpu_count() or 1))
     held = scans(target.name) and mset == "virus"
     arrived = env.sink.wait_for(before_sink + (0 if held else count), 5)
     arrived = env.sink.settle(0.1) if held else arrived
     disp = target.dispositions(count)
     cpu_ms = clamd_ms = rss = None
     if pid is not None:
-        cpu_ms = (cpu_ticks(pid) - cpu0) * 1000 / CLK_TCK / count
-        rss = vm_hwm_kb(pid) / 1024
+        cpu_ms = (tree_ticks(pid) - cpu0) * 1000 / CLK_TCK / count
+        rss = 0.0
+        for p in process_tree(pid):
+            with contextlib.suppress(OSError):
+                rss += vm_hwm_kb(p) / 1024
     if env.clamd_pid and (scans(target.name)):
         clamd_ms = (cpu_ticks(env.clamd_pid) - cl0) * 1000 / CLK_TCK / count
+    dead = target.died()
+    if dead:
+        print(f"  {dead}", file=sys.stderr)
+        rc = rc or -2
     return Sample(target.name, mset, sessions, count, wall, arrived - before_sink,
-                  cpu_ms, clamd_ms, rss, dict(disp), rc)
+                  cpu_ms, clamd_ms, rss, dict(disp), rc, other)
 
 
 # ---------------------------------------------------------------------- report
@@ -466,24 +537,29 @@ def summarize(samples: list[Sample]) -> dict[tuple[str, int, str], dict[str, Any
     for s in samples:
         groups.setdefault((s.mset, s.sessions, s.target), []).append(s)
     out: dict[tuple[str, int, str], dict[str, Any]] = {}
-    for key, group in groups.items():
+    for key, all_runs in groups.items():
+        # Runs where smtp-source failed or the target died are shown (⚠) but
+        # not averaged, unless no run succeeded.
+        group = [s for s in all_runs if s.source_rc == 0] or all_runs
         disp: Counter[str] = Counter()
         for s in group:
             disp.update(s.dispositions)
         target = key[2]
         held = scans(target) and key[0] == "virus"
-        ok = all((s.delivered == 0) if held else (s.delivered == s.messages) for s in group)
+        ok = all((s.delivered == 0) if held else (s.delivered == s.messages) for s in all_runs)
         out[key] = {
             "rate": median([s.rate for s in group]),
             "cpu_ms": median([s.cpu_ms for s in group]),
             "clamd_ms": median([s.clamd_ms for s in group]),
             "rss_mb": max((s.rss_mb for s in group if s.rss_mb is not None), default=None),
+            "other_load": median([s.other_load for s in group]),
             "latency_ms": median([1000 * s.wall * s.sessions / s.messages for s in group]),
-            "delivered": sum(s.delivered for s in group),
-            "sent": sum(s.messages for s in group),
+            "delivered": sum(s.delivered for s in all_runs),
+            "sent": sum(s.messages for s in all_runs),
             "runs": len(group),
+            "failed_runs": len(all_runs) - len(group),
             "dispositions": dict(disp),
-            "ok": ok and all(s.source_rc == 0 for s in group),
+            "ok": ok and all(s.source_rc == 0 for s in all_runs),
         }
     for (mset, sessions, target), row in out.items():
         base = BASELINE.get(target)
@@ -502,7 +578,7 @@ def fmt(value: float | None, spec: str) -> str:
 def print_table(summary: dict[tuple[str, int, str], dict[str, Any]],
                 order: list[str], sets: list[str], sessions: list[int]) -> None:
     head = ("| set | sess | target | msgs/s | vs baseline | vs sink | ms/msg/session "
-            "| CPU ms/msg | clamd ms/msg | peak RSS MB | delivered/sent | dispositions |")
+            "| CPU ms/msg | clamd ms/msg | peak RSS MB | delivered/sent | other load | dispositions |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for mset in sets:
@@ -522,10 +598,73 @@ def print_table(summary: dict[tuple[str, int, str], dict[str, Any]],
                 print(f"| {mset} | {s} | {target} | {row['rate']:,.0f} | {vs} "
                       f"| {fmt(row['vs_sink'], '.1%')} | {fmt(row['latency_ms'], '.2f')} "
                       f"| {fmt(row['cpu_ms'], '.2f')} | {fmt(row['clamd_ms'], '.2f')} "
-                      f"| {fmt(row['rss_mb'], '.0f')} | {deliv} | {disp or '–'} |")
+                      f"| {fmt(row['rss_mb'], '.0f')} | {deliv} | {row['other_load']:.0%} "
+                      f"| {disp or '–'} |")
+
+
+#: Issue 10's reference figures (same machine kind, Postfix smtp-source -> filter
+#: -> smtp-sink): msgs/s for small/20, attach/20, attach/1; CPU ms per 100 KB
+#: message; CPU ms per 6.7 MB message.
+ISSUE10_REFERENCE = {
+    "smtp-sink direct": (5498, 2787, 1482, None, None),
+    "bare relay + clamd (uvloop)": (790, 258, 183, 4, 200),
+    "amavisd-new 2.13": (81, 54, 15, 25, 121),
+    "clamsmtp 1.10": (13, 19, 58, 1.5, 74),
+}
+
+
+def print_issue10(summary: dict[tuple[str, int, str], dict[str, Any]], order: list[str]) -> None:
+    """Issue 10's matrix for this run, then its goals."""
+    def cell(mset: str, s: int, target: str, key: str) -> float | None:
+        row = summary.get((mset, s, target))
+        return row[key] if row else None
+
+    rows = [t for t in order if t == "sink" or scans(t)]
+    if not any(t.startswith("mw-full") for t in rows):
+        return
+    print("\nIssue 10 matrix (this run; medians):")
+    print("| target | 10 KB, 20 sessions | 100 KB + PDF, 20 sessions | 100 KB, 1 session "
+          "| CPU ms per 100 KB msg | CPU ms per 6.7 MB msg |")
+    print("|---|---|---|---|---|---|")
+    for t in rows:
+        vals = (cell("small", 20, t, "rate"), cell("attach", 20, t, "rate"),
+                cell("attach", 1, t, "rate"), cell("attach", 1, t, "cpu_ms"),
+                cell("big", 1, t, "cpu_ms"))
+        print(f"| {t} | {fmt(vals[0], ',.0f')}/s | {fmt(vals[1], ',.0f')}/s "
+              f"| {fmt(vals[2], ',.0f')}/s | {fmt(vals[3], '.1f')} | {fmt(vals[4], '.0f')} |")
+    for name, ref in ISSUE10_REFERENCE.items():
+        print(f"| *{name} (issue 10)* | {ref[0]:,}/s | {ref[1]:,}/s | {ref[2]:,}/s "
+              f"| {fmt(ref[3], 'g')} | {fmt(ref[4], 'g')} |")
+    cells = (("small", 20), ("attach", 20), ("attach", 1))
+    for mw in ("mw-full", "mw-full+uv"):
+        if ("small", 20, mw) not in summary and ("attach", 1, mw) not in summary:
+            continue
+        base = BASELINE[mw]
+        parts = []
+        for mset, s in cells:
+            r = cell(mset, s, mw, "rate")
+            b = cell(mset, s, base, "rate")
+            a = cell(mset, s, "amavis", "rate")
+            if r is None:
+                continue
+            txt = f"{mset}/{s}: {fmt(r / b if b else None, '.0%')} of {base}"
+            if a:
+                txt += f", {r / a:.1f}x amavis"
+            parts.append(txt)
+        big = cell("big", 1, mw, "cpu_ms")
+        amavis_big = cell("big", 1, "amavis", "cpu_ms")
+        if big is not None:
+            ref = amavis_big if amavis_big is not None else 121
+            parts.append(f"6.7 MB CPU {big:.0f} ms vs amavis {ref:.0f} ms"
+                         + ("" if amavis_big is not None else " (issue figure)"))
+        print(f"  {mw}: " + "; ".join(parts)
+              + "  [goals: >= 60% of the bare relay + scan, >= 3x amavis, big CPU < amavis]")
 
 
 def print_issue2(summary: dict[tuple[str, int, str], dict[str, Any]], sessions: list[int]) -> None:
+    """Issue 2's comparison: small messages, empty chain vs the bare relay."""
+    if not any(("small", s, t) in summary for s in sessions for t in ("mw-empty", "mw-empty+uv")):
+        return
     print("\nIssue 2 (small messages, empty chain vs bare relay; goal >= 90%):")
     for s in sessions:
         for mw in ("mw-empty", "mw-empty+uv"):
@@ -545,6 +684,77 @@ def print_issue2(summary: dict[tuple[str, int, str], dict[str, Any]], sessions: 
             print("; ".join(parts))
 
 
+# -------------------------------------------------------------------- profile
+
+#: Frames that only say "the event loop ran something".
+_PLUMBING = re.compile(r"^(<module>|main|run|run_forever|_run_once|_run|run_until_complete|"
+                       r"invoke|__call__|serve|_serve|_main|_run_module_as_main|_run_code) ")
+
+
+def summarize_profile(raw: Path, top: int = 15) -> str:
+    """Self and inclusive hot spots from a py-spy ``raw`` (collapsed stacks) file."""
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        self_t[frames[-1]] += count
+        for f in set(frames):
+            if not _PLUMBING.match(f):
+                incl[f] += count
+    if not total:
+        return "  (no samples)"
+    out = [f"  {total} samples; self time (leaf frames):"]
+    out += [f"    {100 * c / total:5.1f}%  {f}" for f, c in self_t.most_common(top)]
+    out.append("  inclusive time:")
+    out += [f"    {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top + 5)]
+    return "\n".join(out)
+
+
+def profile(args: argparse.Namespace, env: Env, files: dict[str, Path]) -> None:
+    """Sample each mailwarden target under load with py-spy; print hot spots."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(pyspy, os.X_OK):
+        raise SystemExit("bench: --profile needs py-spy (pip install py-spy)")
+    outdir = Path(args.profile)
+    outdir.mkdir(parents=True, exist_ok=True)
+    counts = QUICK_COUNTS if args.quick else COUNTS
+    for name in args.targets:
+        if not name.startswith("mw"):
+            continue
+        for mset in args.matrix:
+            for sessions in args.sessions:
+                t = Target(name)
+                env.generation += 1
+                t.start(env)
+                warm_up(t, env, files[mset], mset)
+                n = args.messages or counts[mset][0 if sessions == 1 else 1]
+                raw = outdir / f"{name}-{mset}-{sessions}.txt"
+                spy = subprocess.Popen(
+                    [pyspy, "record", "--pid", str(t.pid), "--format", "raw", "--output",
+                     str(raw), "--rate", "250", "--nonblocking", "--function"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                time.sleep(1.0)  # let py-spy attach
+                smp = measure(t, env, files[mset], mset, sessions, n)
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
+                t.stop()
+                print(f"\n{name} {mset} x{sessions} sessions: {smp.rate:,.0f} msgs/s under "
+                      f"py-spy, CPU {fmt(smp.cpu_ms, '.2f')} ms/msg; stacks in {raw}")
+                if raw.exists():
+                    print(summarize_profile(raw))
+
+
 # ------------------------------------------------------------------------ main
 
 
@@ -561,9 +771,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="targets (default: all: %(default)s)")
     p.add_argument("--chain", help="the full chain to test (default: gateway.config.DEFAULT_CHAIN)")
     p.add_argument("--peers", action="store_true",
-                   help="also run amavisd-new and clamsmtp (not implemented here)")
+                   help="also run amavisd-new and clamsmtp from Debian's packages")
     p.add_argument("--json", metavar="FILE", help="write every sample and the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="instead of the matrix: sample each mailwarden target under load "
+                        "with py-spy (raw stacks into DIR) and print its hot spots")
     args = p.parse_args(argv)
     args.matrix = [m for m in args.matrix.split(",") if m]
     for m in args.matrix:
@@ -572,8 +785,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sessions = [int(s) for s in args.sessions.split(",") if s]
     args.targets = [t for t in args.targets.split(",") if t]
     for t in args.targets:
-        if t not in ALL_TARGETS:
-            p.error(f"unknown target {t!r} (known: {', '.join(ALL_TARGETS)})")
+        if t not in ALL_TARGETS + PEER_TARGETS:
+            p.error(f"unknown target {t!r} (known: {', '.join(ALL_TARGETS + PEER_TARGETS)})")
+    if args.peers:
+        args.targets += [t for t in PEER_TARGETS if t not in args.targets]
+    for t in args.targets:
+        if t in PEER_TARGETS and peers.missing(t):
+            p.error(f"target {t} needs: {peers.missing(t)}")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
     return args
@@ -592,48 +810,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     need_clamd = any(scans(t) for t in args.targets)
     check_tools(need_clamd)
-    if args.peers:
-        print("--peers: amavisd-new and clamsmtp side-by-side runs are not implemented here; "
-              "see bench/README.md for the reference figures.", file=sys.stderr)
     from gateway.config import DEFAULT_CHAIN
 
     full_chain = tuple(args.chain.split(",")) if args.chain else DEFAULT_CHAIN
     workdir = Path(tempfile.mkdtemp(prefix="mw-bench-"))
     files = messages.write_all(workdir / "messages", tuple(args.matrix))
-    counts = QUICK_COUNTS if args.quick else COUNTS
     sink = clamd = None
     targets = [Target(name) for name in args.targets]
     samples: list[Sample] = []
     t_start = time.monotonic()
     try:
         sink = Sink(workdir)
-        clamd = start_clamd() if need_clamd else None
+        clamd = start_clamd(tcp="amavis" in args.targets) if need_clamd else None
         env = Env(workdir, sink, clamd.socket if clamd else "", clamd_pid(clamd) if clamd else None,
-                  full_chain)
-        print(f"bench: {len(args.targets)} targets x {len(args.matrix)} sets x "
-              f"{len(args.sessions)} session counts x {args.runs} runs; "
-              f"full chain = {','.join(full_chain)}; workdir {workdir}", file=sys.stderr)
-        for run in range(args.runs):
-            rot = run % len(targets)
-            order = targets[rot:] + targets[:rot]
-            for mset in args.matrix:
-                env.generation += 1
-                for t in order:
-                    t.start(env)
-                    warm_up(t, env, files[mset], mset)
-                for sessions in args.sessions:
-                    n = args.messages or counts[mset][0 if sessions == 1 else 1]
-                    for t in order:
-                        time.sleep(0.2)  # let the previous target's background work finish
-                        smp = measure(t, env, files[mset], mset, sessions, n)
-                        samples.append(smp)
-                        print(f"  run {run + 1} {mset:6} s={sessions:<3} {t.name:13} "
-                              f"{smp.rate:8,.1f} msgs/s  cpu {fmt(smp.cpu_ms, '.2f')} ms/msg  "
-                              f"rss {fmt(smp.rss_mb, '.0f')} MB  delivered {smp.delivered}/{n}"
-                              + (f"  {smp.dispositions}" if smp.dispositions else ""),
-                              file=sys.stderr)
-                for t in order:
-                    t.stop()
+                  full_chain, src=snapshot(workdir / "src"),
+                  clamd_tcp=(clamd.tcp_address or "") if clamd else "")
+        if args.profile:
+            profile(args, env, files)
+        else:
+            run_matrix(args, env, files, targets, samples)
     finally:
         for t in targets:
             t.stop()
@@ -641,23 +836,65 @@ def main(argv: list[str] | None = None) -> int:
             sink.stop()
         if clamd is not None:
             clamd.close()
+    if args.profile:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
+    ok = report(args, samples, time.monotonic() - t_start)
+    if args.keep:
+        print(f"\nkept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def run_matrix(args: argparse.Namespace, env: Env, files: dict[str, Path],
+               targets: list[Target], samples: list[Sample]) -> None:
+    """Every cell, ``args.runs`` times, targets interleaved; appends to ``samples``."""
+    counts = QUICK_COUNTS if args.quick else COUNTS
+    print(f"bench: {len(targets)} targets x {len(args.matrix)} sets x "
+          f"{len(args.sessions)} session counts x {args.runs} runs; "
+          f"full chain = {','.join(env.full_chain)}; workdir {env.workdir}", file=sys.stderr)
+    for run in range(args.runs):
+        rot = run % len(targets)
+        order = targets[rot:] + targets[:rot]
+        for mset in args.matrix:
+            env.generation += 1
+            for t in order:
+                t.start(env)
+                warm_up(t, env, files[mset], mset)
+            for sessions in args.sessions:
+                n = args.messages or counts[mset][0 if sessions == 1 else 1]
+                for t in order:
+                    time.sleep(0.2)  # let the previous target's background work finish
+                    smp = measure(t, env, files[mset], mset, sessions, n)
+                    samples.append(smp)
+                    print(f"  run {run + 1} {mset:6} s={sessions:<3} {t.name:13} "
+                          f"{smp.rate:8,.1f} msgs/s  cpu {fmt(smp.cpu_ms, '.2f')} ms/msg  "
+                          f"rss {fmt(smp.rss_mb, '.0f')} MB  delivered {smp.delivered}/{n}  "
+                          f"other load {smp.other_load:.0%}"
+                          + (f"  {smp.dispositions}" if smp.dispositions else ""),
+                          file=sys.stderr)
+            for t in order:
+                t.stop()
+
+
+def report(args: argparse.Namespace, samples: list[Sample], elapsed: float) -> bool:
+    """Print the table and the issue 2 summary; write JSON if asked.  True if all ok."""
     summary = summarize(samples)
     print(f"\nmailwarden benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.runs} run(s) per cell "
-          f"(medians), {time.monotonic() - t_start:.0f} s\n")
+          f"(medians), {elapsed:.0f} s\n")
     print_table(summary, list(args.targets), args.matrix, args.sessions)
     print_issue2(summary, args.sessions)
+    print_issue10(summary, list(args.targets))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "samples": [s.__dict__ | {"rate": s.rate} for s in samples],
             "summary": [{"set": k[0], "sessions": k[1], "target": k[2], **v}
                         for k, v in summary.items()],
         }, indent=1))
-    if args.keep:
-        print(f"\nkept {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if all(row["ok"] for row in summary.values()) else 1
+    return all(row["ok"] for row in summary.values())
 
 
 if __name__ == "__main__":
