@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from filters.base import AddHeader, FilterContext, Outcome, Verdict
+from filters.base import AddBanner, AddHeader, FilterContext, Outcome, Verdict
 from gateway import replies
 from gateway.config import Config
 from gateway.message import Mail, ParseError
@@ -187,6 +187,11 @@ class Pipeline:
         start = time.perf_counter()
         verdicts, times = await self.run_filters(mail)
         outcome = resolve(verdicts)
+        if outcome is Outcome.RELAY:
+            unparseable = await self._banner_needs_structure(mail, verdicts)
+            if unparseable is not None:
+                verdicts = [*verdicts, unparseable]
+                outcome = resolve(verdicts)
         qid: str | None = None
         if outcome is Outcome.TEMPFAIL:
             disposition, reply = "tempfailed", self._tempfail_reply(verdicts)
@@ -222,6 +227,24 @@ class Pipeline:
         result = Result(disposition, reply, verdicts, qid, time.perf_counter() - start, times)
         self._finish(mail, result)
         return result
+
+    async def _banner_needs_structure(self, mail: Mail, verdicts: Sequence[Verdict]
+                                      ) -> Verdict | None:
+        """A banner goes into body parts, so a message whose MIME structure
+        mailwarden cannot parse (or finds ambiguous) is held rather than
+        relayed with the banner misplaced or missing: fail closed, whichever
+        filters are in the chain.  (With attachment_types in the chain such a
+        message is already held by it.)"""
+        asking = next((v for v in verdicts if any(isinstance(e, AddBanner) for e in v.edits)),
+                      None)
+        if asking is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, lambda: mail.parsed)
+        except ParseError as exc:
+            return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
+        return None
 
     async def _apply(self, content: bytes, edits: list[Any]) -> bytes:
         # Header-only edits are cheap; banners re-encode body parts: off the loop
