@@ -63,6 +63,10 @@ class ParseError(Exception):
     """The message's MIME structure could not be parsed within our bounds."""
 
 
+def _too_complex(value: str) -> bool:
+    return len(value) > MAX_PARAM_HEADER or value.count(";") > MAX_PARAMS
+
+
 class _BoundedMessage(Message):
     """compat32 Message that refuses pathological parameter headers (see
     :data:`MAX_PARAM_HEADER`) before the quadratic parameter splitter runs."""
@@ -70,8 +74,7 @@ class _BoundedMessage(Message):
     def _get_params_preserve(self, failobj: Any, header: str) -> Any:
         value = self.get(header)
         if value is not None:
-            text = str(value)
-            if len(text) > MAX_PARAM_HEADER or text.count(";") > MAX_PARAMS:
+            if _too_complex(str(value)):
                 raise ParseError(
                     f"{header} header too long or with too many parameters"
                     f" (limits {MAX_PARAM_HEADER} characters, {MAX_PARAMS} parameters)"
@@ -228,7 +231,15 @@ def decode_header_value(value: str | None) -> str | None:
 
 
 def part_filename(part: Message) -> str | None:
-    """The decoded filename of a part (Content-Disposition, then Content-Type name)."""
+    """The decoded filename of a part (Content-Disposition, then Content-Type name).
+
+    None as well for a parameter header beyond :data:`MAX_PARAM_HEADER` /
+    :data:`MAX_PARAMS` (whoever parsed ``part``: the email package's
+    parameter splitter is quadratic)."""
+    for header in ("content-disposition", "content-type"):
+        value = part.get(header)
+        if value is not None and _too_complex(str(value)):
+            return None
     try:
         name = part.get_filename()
         if name is None:
