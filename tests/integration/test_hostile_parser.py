@@ -228,3 +228,25 @@ def test_results_cover_every_case() -> None:
     for name in ("eicar-control", "duplicate-boundary"):
         assert all(RESULTS[(d, name)][0] == "held" for d in ("inbound", "outbound")
                    if (d, name) in RESULTS)
+
+
+@pytest.mark.parametrize("name", ["duplicate-boundary", "param-bomb", "200-level-nesting",
+                                  "5000-parts"])
+def test_unparseable_is_held_even_without_attachment_types(
+    make_gateway: Any, next_hop: NextHop, dns_server: Any, name: str
+) -> None:
+    """A chain without attachment_types: the banner cannot be placed in a
+    message mailwarden cannot parse, so the pipeline holds it (before the fix
+    the duplicate-boundary message was relayed without a banner and the
+    parameter bomb kept a worker thread busy for hours)."""
+    gw = make_gateway(chain=["external_attachments", "header_log"], gateway=INBOUND,
+                      filters={"external_attachments": {"nameservers": [dns_server.address]}})
+    case = next(c for c in hostile.CASES if c.name == name)
+    started = time.perf_counter()
+    code, text = gw.send(case.build())
+    assert time.perf_counter() - started < MAX_SECONDS
+    assert code == 250 and "held for review" in text, text
+    row = quarantine_row(gw.store_path, text.rsplit("(", 1)[1].rstrip(")"))
+    assert row is not None and row["reason"] == "external_attachments"
+    assert row["detail"].startswith("unparseable: "), row["detail"]
+    assert next_hop.messages == []
