@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 from filters.base import AddBanner
-from gateway.message import part_filename
+from gateway.message import param_header_too_complex, part_filename
 
 log = logging.getLogger("mailwarden.banner")
 
@@ -176,6 +176,12 @@ def _parse_headers(block: bytes) -> Message:
         raise _Unexpected("header block has a line that is not a header")
     if msg.get_payload():
         raise _Unexpected("header block did not parse as headers only")
+    # The email package's parameter splitter is quadratic: never let it near
+    # an absurd Content-Type or Content-Disposition (see gateway/message.py).
+    for name in ("Content-Type", "Content-Disposition"):
+        for value in msg.get_all(name) or []:
+            if param_header_too_complex(str(value)):
+                raise _Unexpected(f"{name} parameters beyond the parser limits")
     return msg
 
 
@@ -276,7 +282,11 @@ class _Walk:
             raise _Abort("MIME nesting too deep")
         ctype = ent.content_type
         if ctype in PROTECTED_TYPES:
-            return True  # the body, but signed/encrypted: no banner at all
+            if ctype.startswith("multipart/") or depth == 0:
+                return True  # the body, but signed/encrypted: no banner at all
+            # A signature or encrypted blob among other parts is left alone,
+            # but it is not the body: the search for the body goes on.
+            return False
         maintype, _, subtype = ctype.partition("/")
         if maintype == "multipart":
             if _is_attachment(ent.headers):

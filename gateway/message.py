@@ -67,6 +67,10 @@ def _too_complex(value: str) -> bool:
     return len(value) > MAX_PARAM_HEADER or value.count(";") > MAX_PARAMS
 
 
+#: Public name for other byte-level walkers (gateway/banner.py).
+param_header_too_complex = _too_complex
+
+
 class _BoundedMessage(Message):
     """compat32 Message that refuses pathological parameter headers (see
     :data:`MAX_PARAM_HEADER`) before the quadratic parameter splitter runs."""

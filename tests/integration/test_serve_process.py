@@ -40,7 +40,7 @@ def _send(port: int, raw: bytes, subject_rcpt: str = "b@example.com") -> tuple[i
 
 def test_sigterm_drains_session_in_flight(served, next_hop):
     p = served()
-    next_hop.delay = 1.5
+    next_hop.delay = 2.0
     result: dict[str, object] = {}
 
     def client() -> None:
@@ -48,7 +48,8 @@ def test_sigterm_drains_session_in_flight(served, next_hop):
 
     t = threading.Thread(target=client)
     t.start()
-    time.sleep(0.6)  # the message is now at the next hop, which is slow to answer
+    # Wait until the message is at the next hop, which is slow to answer.
+    assert next_hop.data_started.wait(20)
     p.signal(signal.SIGTERM)
     t.join(20)
     assert p.wait(20) == 0, p.log()

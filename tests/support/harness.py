@@ -81,6 +81,8 @@ class NextHop:
         self.delay = 0.0
         self.advertise_xforward = xforward
         self.sessions = 0
+        #: end-of-data received (before any delay/answer): a test can wait on it
+        self.data_started = threading.Event()
         self._lt = LoopThread("next-hop")
         self._server: asyncio.base_events.Server | None = None
         self.host = "127.0.0.1"
@@ -157,6 +159,7 @@ class _NextHopHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self.nh.data_started.set()
         if self.nh.delay:
             await asyncio.sleep(self.nh.delay)
         if self.nh.drop_on_data:
