@@ -295,6 +295,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     log_offset: int = 0
+    warm_rate: float = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -395,6 +396,19 @@ class Env:
 SNAPSHOT_DIRS = ("gateway", "filters", "quarantine", "bench")
 
 
+def code_version() -> str:
+    """The work tree's commit, and whether the code under test has local changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                *SNAPSHOT_DIRS], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head[:72] + (" + uncommitted changes" if dirty else "")
+
+
 def snapshot(dest: Path) -> Path:
     """Copy the code under test so every process of this run runs the same code.
 
@@ -451,9 +465,12 @@ def smtp_source(port: int, path: Path, sessions: int, count: int, timeout: float
 
 
 def warm_up(target: Target, env: Env, path: Path, mset: str) -> None:
+    """A few unmeasured messages (4 sessions); sets ``target.warm_rate``."""
     count = 4 if mset == "big" else 40
     before = env.sink.settle(0.05)
+    t0 = time.perf_counter()
     smtp_source(target.port, path, 4, count, timeout=300)
+    target.warm_rate = count / max(1e-6, time.perf_counter() - t0)
     env.sink.wait_for(before + (0 if scans(target.name) and mset == "virus" else count), 5)
     target.dispositions(count, timeout=2)
 
@@ -767,6 +784,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", default="1,20", help="parallel sessions (default: %(default)s)")
     p.add_argument("--messages", type=int, help="messages per cell (default: per set)")
     p.add_argument("--runs", type=int, help="runs per cell, interleaved (default 3; quick 1)")
+    p.add_argument("--cell-seconds", type=float,
+                   help="aim for about this long per cell for slow targets "
+                        "(default 10; quick 3)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
                    help="targets (default: all: %(default)s)")
     p.add_argument("--chain", help="the full chain to test (default: gateway.config.DEFAULT_CHAIN)")
@@ -794,6 +814,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"target {t} needs: {peers.missing(t)}")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
+    if args.cell_seconds is None:
+        args.cell_seconds = 3.0 if args.quick else 10.0
     return args
 
 
@@ -819,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [Target(name) for name in args.targets]
     samples: list[Sample] = []
     t_start = time.monotonic()
+    args.code = code_version()
     try:
         sink = Sink(workdir)
         clamd = start_clamd(tcp="amavis" in args.targets) if need_clamd else None
@@ -848,6 +871,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def cell_count(args: argparse.Namespace, counts: dict[str, tuple[int, int]], t: Target,
+               mset: str, sessions: int) -> int:
+    """Messages for one cell: the set's count, fewer for a slow target.
+
+    A target much slower than the others (amavis at ~20 msgs/s) gets about
+    ``--cell-seconds`` of load, judged from its warm-up rate, but never fewer
+    than 50 messages (big: 6).  ``--messages`` fixes the count for everyone.
+    """
+    if args.messages:
+        return int(args.messages)
+    n = counts[mset][0 if sessions == 1 else 1]
+    if t.warm_rate <= 0:
+        return n
+    # Warm-up ran 4 sessions; one session is roughly 2-3 times slower.
+    rate = t.warm_rate / (3 if sessions == 1 else 1)
+    floor = 6 if mset == "big" else 50
+    return max(min(n, floor), min(n, int(rate * args.cell_seconds)))
+
+
 def run_matrix(args: argparse.Namespace, env: Env, files: dict[str, Path],
                targets: list[Target], samples: list[Sample]) -> None:
     """Every cell, ``args.runs`` times, targets interleaved; appends to ``samples``."""
@@ -864,8 +906,8 @@ def run_matrix(args: argparse.Namespace, env: Env, files: dict[str, Path],
                 t.start(env)
                 warm_up(t, env, files[mset], mset)
             for sessions in args.sessions:
-                n = args.messages or counts[mset][0 if sessions == 1 else 1]
                 for t in order:
+                    n = cell_count(args, counts, t, mset, sessions)
                     time.sleep(0.2)  # let the previous target's background work finish
                     smp = measure(t, env, files[mset], mset, sessions, n)
                     samples.append(smp)
@@ -884,7 +926,7 @@ def report(args: argparse.Namespace, samples: list[Sample], elapsed: float) -> b
     summary = summarize(samples)
     print(f"\nmailwarden benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.runs} run(s) per cell "
-          f"(medians), {elapsed:.0f} s\n")
+          f"(medians), {elapsed:.0f} s\ncode: {args.code}\n")
     print_table(summary, list(args.targets), args.matrix, args.sessions)
     print_issue2(summary, args.sessions)
     print_issue10(summary, list(args.targets))
