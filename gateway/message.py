@@ -379,13 +379,30 @@ class Mail:
             check_unambiguous(part)
         return msg
 
+    def _single_text_body(self) -> bool:
+        headers = self.headers
+        ctypes = headers.get_all("Content-Type") or []
+        if len(ctypes) > 1 or len(headers.get_all("Content-Disposition") or []) > 1:
+            return False
+        if ctypes and _too_complex(str(ctypes[0])):
+            return False
+        if headers.get_content_type() not in ("text/plain", "text/html"):
+            return False
+        return _is_body_text(headers)
+
     @_once
     def attachments(self) -> tuple[Attachment, ...]:
         """Every attachment and every inline part that is not a text body.
 
         message/rfc822 parts are listed themselves (payload = the enclosed
         message's bytes) and their own attachments follow with ``depth + 1``.
+
+        A single-part text message (one unambiguous text/plain or text/html
+        Content-Type, not an attachment) has none, which is known from its
+        headers alone: most mail is answered without running the MIME parser.
         """
+        if self._single_text_body():
+            return ()
         out: list[Attachment] = []
         index = 0
 
