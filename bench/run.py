@@ -703,9 +703,16 @@ def print_issue2(summary: dict[tuple[str, int, str], dict[str, Any]], sessions: 
 
 # -------------------------------------------------------------------- profile
 
-#: Frames that only say "the event loop ran something".
-_PLUMBING = re.compile(r"^(<module>|main|run|run_forever|_run_once|_run|run_until_complete|"
-                       r"invoke|__call__|serve|_serve|_main|_run_module_as_main|_run_code) ")
+#: Frames that only say "the event loop (or a worker thread) ran something".
+_PLUMBING = ("<module> ", "main ", "run ", "_run_module_as_main ", "_run_code ", "Runner.run ",
+             "BaseEventLoop.run_forever ", "BaseEventLoop.run_until_complete ",
+             "BaseEventLoop._run_once ", "Handle._run ", "Thread.run ", "Thread._bootstrap",
+             "_worker ", "_WorkItem.run ", "Command.", "Group.invoke ", "Context.invoke ",
+             "pass_context.", "serve (gateway/cli.py", "_serve (gateway/cli.py")
+
+
+def _plumbing(frame: str) -> bool:
+    return frame.startswith(_PLUMBING) or "(click/" in frame
 
 
 def summarize_profile(raw: Path, top: int = 15) -> str:
@@ -722,7 +729,7 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
         frames = stack.split(";")
         self_t[frames[-1]] += count
         for f in set(frames):
-            if not _PLUMBING.match(f):
+            if not _plumbing(f):
                 incl[f] += count
     if not total:
         return "  (no samples)"
