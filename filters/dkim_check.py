@@ -314,6 +314,9 @@ async def _verify_one(d: _OffLoopDKIM, idx: int, lookup: TxtLookup) -> Signature
     return SignatureResult(result, _tag(sig, b"d"), _tag(sig, b"s"), _b_prefix(sig), reason)
 
 
+_HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+
+
 async def verify_dkim(
     raw: bytes,
     lookup: TxtLookup,
@@ -333,6 +336,10 @@ async def verify_dkim(
     large messages, where hashing the body in a thread would still hold the
     GIL -- and so the event loop -- for tens of milliseconds per megabyte.
     """
+    # Most mail carries no signature: know it from the header block alone,
+    # before dkimpy parses (and copies) the whole message.
+    if not _HAS_SIGNATURE.search(raw.split(b"\r\n\r\n", 1)[0]):
+        return ()
     if processes is not None:
         try:
             return await _verify_prefetched(raw, lookup, processes, max_signatures)

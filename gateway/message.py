@@ -379,6 +379,20 @@ class Mail:
             check_unambiguous(part)
         return msg
 
+    @property
+    def needs_parsing(self) -> bool:
+        """False for a single-part text message (no MIME parse needed)."""
+        return not self._single_text_body()
+
+    def prepare(self) -> None:
+        """Parse and decode now (blocking; call it off the event loop), so the
+        filters find the work done.  A parse failure is remembered and raised
+        to the filters that ask, as if they had parsed themselves."""
+        try:
+            self.attachments  # noqa: B018 - computed once and cached
+        except Exception:
+            pass
+
     def _single_text_body(self) -> bool:
         headers = self.headers
         ctypes = headers.get_all("Content-Type") or []
