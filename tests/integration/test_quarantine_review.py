@@ -24,6 +24,7 @@ including a store the user cannot read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -331,14 +332,17 @@ def test_serve_purges_on_its_own_schedule(setup: Setup, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path / "serve.toml", store=setup.gw.store_path,
                              next_hop=setup.nh.address, store_extra={"purge_interval": 0.2})
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    # faketime runs serve as its child: a session of its own lets the whole
+    # group be stopped below.
     proc = subprocess.Popen(["faketime", "-f", "+100d", *CLI, "--config", str(config), "serve"],
-                            stdout=log, stderr=log, cwd=REPO)
+                            stdout=log, stderr=log, cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while exe_path.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
         log.close()
     assert not exe_path.exists(), (tmp_path / "serve.log").read_text()
