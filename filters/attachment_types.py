@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import asyncio
 import email.header
-import hashlib
 import threading
 import unicodedata
 from collections.abc import Mapping
@@ -591,7 +590,7 @@ class AttachmentTypesFilter:
             "name": attachment.filename or "",
             "type": "",
             "size": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
+            "sha256": attachment.sha256,
         }
         report = Report(facts)
         scan = _Scan(self, report)

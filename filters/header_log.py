@@ -227,7 +227,7 @@ class HeaderLogFilter:
                     "name": clean_text(a.filename, limit) if a.filename is not None else None,
                     "declared_type": clean_text(a.declared_type, limit),
                     "size": a.size,
-                    "sha256": hashlib.sha256(a.payload).hexdigest(),
+                    "sha256": a.sha256,
                 }
             )
         return out, None

@@ -15,6 +15,7 @@ import email.parser
 import email.policy
 import email.utils
 import enum
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -206,7 +207,8 @@ class Attachment:
     ``filename`` is decoded (RFC 2231 and RFC 2047) but otherwise exactly what
     the sender claims; never use it to build a path.  ``payload`` is the
     content-transfer-decoded body of the part.  ``depth`` counts enclosing
-    message/rfc822 parts (0 = top-level message).
+    message/rfc822 parts (0 = top-level message).  ``sha256`` (hex) is
+    computed once here, so that every filter and the log share it.
     """
 
     filename: str | None
@@ -215,6 +217,11 @@ class Attachment:
     index: int
     inline: bool
     depth: int = 0
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", hashlib.sha256(self.payload).hexdigest())
 
     @property
     def size(self) -> int:
