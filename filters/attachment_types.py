@@ -70,7 +70,7 @@ import asyncio
 import email.header
 import threading
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
@@ -519,12 +519,12 @@ class _Scan:
 # -------------------------------------------------------------------- filter
 
 
-def _raw_filenames(msg: Message) -> dict[str, str]:
+def _raw_filenames(parts: Iterable[Message]) -> dict[str, str]:
     """Filenames as the sender wrote them (RFC 2047/2231 decoded, control
     characters kept), keyed by the sanitised form ``Mail`` exposes.  Only
     names that differ are listed."""
     out: dict[str, str] = {}
-    for part in msg.walk():
+    for part in parts:
         try:
             name = part.get_filename()
             if name is None:
@@ -544,7 +544,7 @@ def _raw_filenames(msg: Message) -> dict[str, str]:
 
 def _collect(mail: Mail) -> tuple[tuple[Attachment, ...], dict[str, str]]:
     attachments = mail.attachments
-    raw = _raw_filenames(mail.parsed) if attachments else {}
+    raw = _raw_filenames(mail.part_headers) if attachments else {}
     return attachments, raw
 
 

@@ -25,6 +25,8 @@ from email.message import Message
 from functools import cached_property
 from typing import Any, Generic, TypeVar
 
+from gateway import mime
+
 log = logging.getLogger("mailwarden.message")
 
 #: Parsing bounds (bad input gets a clear answer, never a blow-up).  Both are
@@ -302,7 +304,11 @@ class Mail:
         client_name: str = "",
         helo: str = "",
         mail_options: tuple[str, ...] = (),
+        crlf_only: bool | None = None,
     ) -> None:
+        """``crlf_only``: True when the caller has checked that every CR and
+        LF of ``raw`` is a CRLF pair (the DATA reader has); None: check when
+        it matters."""
         self.queue_id = queue_id
         self.mail_from = mail_from
         self.rcpt_tos = tuple(rcpt_tos)
@@ -313,6 +319,7 @@ class Mail:
         self.direction = direction
         self.received = received
         self.mail_options = tuple(mail_options)
+        self._crlf_only = crlf_only
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -412,6 +419,40 @@ class Mail:
         return _is_body_text(headers)
 
     @_once
+    def structure(self) -> mime.Node | None:
+        """The MIME tree found at the byte level (:mod:`gateway.mime`), or
+        None for a message with a bare CR or LF (the feed parser's line rules
+        apply to those: see :attr:`parsed`).  Raises :class:`ParseError` like
+        :attr:`parsed`."""
+        raw = self.raw
+        crlf = self._crlf_only
+        if not (mime.crlf_only(raw) if crlf is None else crlf):
+            return None
+        try:
+            return mime.parse_structure(
+                raw,
+                message_class=_BoundedMessage,
+                max_parts=MAX_PARTS,
+                max_depth=MAX_DEPTH,
+                max_header_lines=MAX_HEADER_LINES,
+                check=check_unambiguous,
+            )
+        except mime.StructureError as exc:
+            raise ParseError(str(exc)) from None
+        except ParseError:
+            raise
+        except Exception as exc:  # RecursionError, MemoryError, header parser bugs
+            raise ParseError(f"unparseable message: {exc.__class__.__name__}") from exc
+
+    @_once
+    def part_headers(self) -> tuple[Message, ...]:
+        """The headers of every MIME entity, in walk order (the top level first)."""
+        tree = self.structure
+        if tree is None:
+            return tuple(self.parsed.walk())
+        return tuple(node.headers for node in tree.walk())
+
+    @_once
     def attachments(self) -> tuple[Attachment, ...]:
         """Every attachment and every inline part that is not a text body.
 
@@ -424,9 +465,48 @@ class Mail:
         """
         if self._single_text_body():
             return ()
+        tree = self.structure
+        if tree is None:
+            return self._attachments_from_parsed()
+        raw = self.raw
+        out: list[Attachment] = []
+
+        def visit(node: mime.Node, depth: int, top: bool) -> None:
+            headers = node.headers
+            ctype = headers.get_content_type()
+            if node.children is not None:
+                if ctype == "message/rfc822" or (ctype.startswith("message/") and not top):
+                    out.append(Attachment(part_filename(headers), ctype,
+                                          raw[node.body_start : node.end], len(out), False,
+                                          depth))
+                    for sub in node.children:
+                        visit(sub, depth + 1, True)
+                    return
+                for sub in node.children:
+                    visit(sub, depth, False)
+                return
+            if ctype in ("text/plain", "text/html") and _is_body_text(headers):
+                return  # a text body, not an attachment
+            disposition = (headers.get("Content-Disposition") or "").split(";")[0]
+            out.append(
+                Attachment(
+                    part_filename(headers),
+                    ctype,
+                    mime.decode_body(headers, raw[node.body_start : node.end]),
+                    len(out),
+                    disposition.strip().lower() != "attachment",
+                    depth,
+                )
+            )
+
+        visit(tree, 0, True)
+        return tuple(out)
+
+    def _attachments_from_parsed(self) -> tuple[Attachment, ...]:
+        """:attr:`attachments` from the email package's parse (messages with
+        a bare CR or LF)."""
         out: list[Attachment] = []
         index = 0
-
         def visit(part: Message, depth: int, top: bool) -> None:
             nonlocal index
             ctype = part.get_content_type()

@@ -245,7 +245,7 @@ class Pipeline:
             return None
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, lambda: mail.parsed)
+            await loop.run_in_executor(self.executor, lambda: mail.part_headers)
         except ParseError as exc:
             return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
         return None

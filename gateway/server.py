@@ -430,6 +430,7 @@ class Handler:
             direction=state.direction(client_addr, envelope.rcpt_tos),
             received=self.gateway.clock(),
             mail_options=tuple(envelope.mail_options),
+            crlf_only=True,  # the DATA reader refused or normalised bare CR/LF
         )
         relay = self._relay(session)
         session.xforward.clear()

@@ -201,7 +201,7 @@ def test_parser_stops_early(build: Any, limit: float) -> None:
     assert first < limit
     started = time.perf_counter()
     with pytest.raises(ParseError):
-        _ = mail.parsed  # remembered, not parsed again
+        _ = mail.attachments  # remembered, not parsed again
     assert time.perf_counter() - started < 0.01
 
 
