@@ -761,7 +761,7 @@ def profile(args: argparse.Namespace, env: Env, files: dict[str, Path]) -> None:
                 raw = outdir / f"{name}-{mset}-{sessions}.txt"
                 spy = subprocess.Popen(
                     [pyspy, "record", "--pid", str(t.pid), "--format", "raw", "--output",
-                     str(raw), "--rate", "250", "--nonblocking", "--function"],
+                     str(raw), "--rate", "250", "--nonblocking", "--function", "--gil"],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # let py-spy attach

@@ -317,6 +317,17 @@ async def _verify_one(d: _OffLoopDKIM, idx: int, lookup: TxtLookup) -> Signature
 _HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
+def header_block(raw: bytes) -> bytes:
+    """The message's header block (up to the empty line), copied alone."""
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[:end]
+
+
+def has_signature(raw: bytes) -> bool:
+    """True when the header block has a DKIM-Signature field."""
+    return _HAS_SIGNATURE.search(header_block(raw)) is not None
+
+
 async def verify_dkim(
     raw: bytes,
     lookup: TxtLookup,
@@ -338,7 +349,7 @@ async def verify_dkim(
     """
     # Most mail carries no signature: know it from the header block alone,
     # before dkimpy parses (and copies) the whole message.
-    if not _HAS_SIGNATURE.search(raw.split(b"\r\n\r\n", 1)[0]):
+    if not has_signature(raw):
         return ()
     if processes is not None:
         try:
@@ -352,7 +363,7 @@ async def verify_dkim(
     try:
         base = await loop.run_in_executor(executor, factory)
     except Exception as exc:
-        if b"dkim-signature" not in raw.split(b"\r\n\r\n", 1)[0].lower():
+        if b"dkim-signature" not in header_block(raw).lower():
             return ()
         return (SignatureResult("fail", reason=_reason(exc) or "unparseable header"),)
     base.executor = executor
@@ -404,7 +415,7 @@ async def _verify_prefetched(raw: bytes, lookup: TxtLookup, processes: Executor,
                              limit: int) -> tuple[SignatureResult, ...]:
     sigs = _signatures(raw, limit)
     if sigs is None:
-        if b"dkim-signature" not in raw.split(b"\r\n\r\n", 1)[0].lower():
+        if b"dkim-signature" not in header_block(raw).lower():
             return ()
         return (SignatureResult("fail", reason="unparseable header"),)
     if not sigs:
@@ -541,7 +552,7 @@ MAX_ARC_INSTANCES = 10
 
 def arc_instances(raw: bytes) -> int:
     """How many ARC-Seal headers the message arrived with."""
-    head = raw.split(b"\r\n\r\n", 1)[0]
+    head = header_block(raw)
     return len(re.findall(rb"(?im)^arc-seal\s*:", head))
 
 

@@ -269,7 +269,10 @@ class ExternalAttachmentsFilter:
             return Verdict.relay(self.name)
         results = await dkim_check.verify_dkim(
             mail.raw, self.lookup, self.ctx.executor, timeout=self.settings.dns_timeout,
-            processes=self.processes(len(mail.raw)),
+            # The process pool only for a large *signed* message (unsigned
+            # mail is answered from the header block).
+            processes=(self.processes(len(mail.raw))
+                       if dkim_check.has_signature(mail.raw) else None),
         )
         sender = self.classify(mail, results)
         extra: list[str] = []

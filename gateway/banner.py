@@ -541,6 +541,17 @@ def add_banner(raw: bytes, banner: AddBanner) -> bytes:
 
     Never raises: on anything unexpected the message comes back unchanged.
     """
+    pieces = banner_pieces(raw, banner)
+    if len(pieces) == 1 and pieces[0] is raw:
+        return raw
+    return b"".join(pieces)
+
+
+def banner_pieces(raw: bytes, banner: AddBanner) -> list[bytes | memoryview]:
+    """:func:`add_banner` as pieces that join to its result: the replaced
+    parts (``bytes``) and the untouched stretches of ``raw`` between them
+    (``memoryview``: not copied until the caller's one join).  ``[raw]``
+    when nothing changes."""
     try:
         targets = banner_targets(raw)
         edits: list[tuple[int, int, bytes]] = []
@@ -553,18 +564,19 @@ def add_banner(raw: bytes, banner: AddBanner) -> bytes:
             if part_edits:
                 edits.extend(part_edits)
         if not edits:
-            return raw
+            return [raw]
         edits.sort()
-        out: list[bytes] = []
+        view = memoryview(raw)
+        out: list[bytes | memoryview] = []
         cursor = 0
         for start, end, data in edits:
             if start < cursor:
                 raise _Unexpected("overlapping part ranges")
-            out.append(raw[cursor:start])
+            out.append(view[cursor:start])
             out.append(data)
             cursor = end
-        out.append(raw[cursor:])
-        return b"".join(out)
+        out.append(view[cursor:])
+        return out
     except Exception as exc:
         log.info("banner: message left unchanged: %r", exc)
-        return raw
+        return [raw]

@@ -144,8 +144,9 @@ def check_unambiguous(part: Message) -> None:
         if len({" ".join(str(v).split()).lower() for v in values}) > 1:
             raise ParseError(f"ambiguous MIME part: {len(values)} different {name} headers")
     for header, param in SINGLE_PARAMS:
-        if header not in part:
-            continue
+        value = part.get(header)
+        if value is None or str(value).lower().count(param) < 2:
+            continue  # the parameter is given once at most: nothing to compare
         try:
             params = part.get_params(header=header) or []
         except ParseError:
@@ -329,6 +330,12 @@ class Mail:
     def size(self) -> int:
         return len(self.raw)
 
+    @property
+    def crlf_checked(self) -> bool:
+        """True when whoever made this Mail checked that ``raw`` has CRLF
+        line ends only (the DATA reader does)."""
+        return bool(self._crlf_only)
+
     # ------------------------------------------------------------------ headers
 
     @cached_property
@@ -492,7 +499,7 @@ class Mail:
                 Attachment(
                     part_filename(headers),
                     ctype,
-                    mime.decode_body(headers, raw[node.body_start : node.end]),
+                    mime.decode_body(headers, raw, node.body_start, node.end),
                     len(out),
                     disposition.strip().lower() != "attachment",
                     depth,

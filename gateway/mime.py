@@ -35,6 +35,7 @@ bare CR or LF, whose line rules differ.
 
 from __future__ import annotations
 
+import binascii
 import email.parser
 import email.policy
 import quopri
@@ -228,14 +229,24 @@ def crlf_only(raw: bytes) -> bool:
     return raw.count(b"\n") == pairs and raw.count(b"\r") == pairs
 
 
-def decode_body(headers: Message, body: bytes) -> bytes:
-    """The transfer-decoded body, exactly as ``Message.get_payload(decode=True)``
-    gives it (lenient base64, quoted-printable, uuencode; anything else or
-    undecodable as-is)."""
+def decode_body(headers: Message, raw: bytes, start: int, end: int) -> bytes:
+    """The transfer-decoded body ``raw[start:end]``, exactly as
+    ``Message.get_payload(decode=True)`` gives it (lenient base64,
+    quoted-printable, uuencode; anything else or undecodable as-is).
+
+    Base64 is decoded straight from the message (binascii skips the line
+    ends), without copying the encoded text first: the same bytes as the
+    email package's ``decode_b`` wherever that succeeds without fixing the
+    padding, and ``decode_b`` itself otherwise."""
     cte = str(headers.get("content-transfer-encoding", "")).lower()
     if cte == "base64":
-        value, _defects = decode_b(body.translate(None, CRLF))
-        return value
+        view = memoryview(raw)[start:end]
+        try:
+            return binascii.a2b_base64(view)
+        except binascii.Error:
+            value, _defects = decode_b(bytes(view).translate(None, CRLF))
+            return value  # type: ignore[no-any-return]
+    body = raw[start:end]
     if cte == "quoted-printable":
         return quopri.decodestring(body)
     if cte in _UU:

@@ -31,7 +31,7 @@ from gateway import replies
 from gateway.config import Config
 from gateway.message import Mail, ParseError
 from gateway.relay import NextHopFailure, Relay, send_message
-from gateway.rewrite import apply_edits
+from gateway.rewrite import crlf_clean, edit_pieces
 
 log = logging.getLogger("mailwarden.pipeline")
 msglog = logging.getLogger("mailwarden.message")
@@ -217,7 +217,7 @@ class Pipeline:
             edits = [e for v in verdicts for e in v.edits]
             content = mail.raw
             if edits:
-                content = await self._apply(content, edits)
+                content = await self._apply(mail, edits)
             try:
                 reply = await relay.data(content)
             except NextHopFailure as exc:
@@ -250,17 +250,19 @@ class Pipeline:
             return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
         return None
 
-    async def _apply(self, content: bytes, edits: list[Any]) -> bytes:
+    async def _apply(self, mail: Mail, edits: list[Any]) -> bytes:
         # Header-only edits are cheap; banners re-encode body parts: off the loop
         # for large messages.
+        content = mail.raw
         if len(content) > 256 * 1024 and any(not isinstance(e, AddHeader) for e in edits):
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self.executor, apply_edits, content, edits)
+            pieces = await loop.run_in_executor(self.executor, edit_pieces, content, edits)
         else:
-            out = apply_edits(content, edits)
-        # Never emit a bare CR or LF, whatever an edit produced.
-        crlf = out.count(b"\r\n")
-        if out.count(b"\n") != crlf or out.count(b"\r") != crlf:
+            pieces = edit_pieces(content, edits)
+        # Never emit a bare CR or LF, whatever an edit produced (only new
+        # bytes need a full look when the message itself is known clean).
+        out = pieces[0] if len(pieces) == 1 and pieces[0] is content else b"".join(pieces)
+        if not crlf_clean(pieces, content if mail.crlf_checked else None):
             log.error("an edit produced bare CR/LF; normalising line ends")
             out = re.sub(rb"\r\n|\r|\n", b"\r\n", out)
         return out

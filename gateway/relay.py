@@ -162,7 +162,7 @@ class Relay:
         if client is None or not client.is_connected or client.protocol is None:
             raise NextHopFailure(replies.NEXT_HOP_LOST, "next hop connection lost before DATA")
         protocol = client.protocol
-        payload = stuff(content)
+        payload, end = stuff(content)
         try:
             # No await between a write and read_response(), which marks the
             # reply as expected, so a reply cannot be mistaken for unsolicited.
@@ -171,6 +171,7 @@ class Relay:
             if start.code != 354:
                 return self._mirror(start.code, start.message)
             protocol.write(payload)
+            protocol.write(end)  # not appended: that would copy the message once more
             del payload
             resp = await protocol.read_response(timeout=self.timeout)
         except (TimeoutError, SMTPException, OSError) as exc:
@@ -201,14 +202,13 @@ class Relay:
             client.close()
 
 
-def stuff(content: bytes) -> bytes:
-    """Dot-stuff a CRLF message and append the end-of-data line."""
+def stuff(content: bytes) -> tuple[bytes, bytes]:
+    """Dot-stuff a CRLF message: (stuffed content, end-of-data line to send
+    after it).  Two pieces, not one: appending would copy the message again."""
     out = content.replace(b"\r\n.", b"\r\n..")
     if out.startswith(b"."):
         out = b"." + out
-    if out and not out.endswith(b"\r\n"):
-        out += b"\r\n"
-    return out + b".\r\n"
+    return out, (b".\r\n" if not out or out.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
 def _xtext(value: str) -> str:

@@ -116,6 +116,14 @@ def remove_header(
     """Remove ``name`` fields (optionally only those whose value contains
     ``contains``, or whose first token is ``token``; both case-insensitive)."""
     head, rest = split_message(raw)
+    new = _remove_fields(head, name, contains, token)
+    return raw if new is head else new + rest
+
+
+def _remove_fields(
+    head: bytes, name: str, contains: str | None = None, token: str | None = None
+) -> bytes:
+    """:func:`remove_header` on a header block alone (``head`` itself when unchanged)."""
     lname = name.lower().encode()
     needle = contains.lower() if contains else None
     wanted = token.lower().rstrip(".") if token else None
@@ -131,8 +139,8 @@ def remove_header(
                 continue
         kept.append(f)
     if not changed:
-        return raw
-    return b"".join(kept) + rest
+        return head
+    return b"".join(kept)
 
 
 def _decoded(value: str) -> str:
@@ -156,13 +164,19 @@ def tag_subject(raw: bytes, tag: str) -> bytes:
     The tag goes right after the colon; the old value (with its folding) follows,
     so a subject whose first line is empty keeps its continuation lines."""
     head, rest = split_message(raw)
+    new = _tag_fields(head, tag)
+    return raw if new is head else new + rest
+
+
+def _tag_fields(head: bytes, tag: str) -> bytes:
+    """:func:`tag_subject` on a header block alone (``head`` itself when unchanged)."""
     fields = header_fields(head)
     tag_b = _tag_bytes(tag)
     for i, f in enumerate(fields):
         if field_name(f) != b"subject":
             continue
         if " ".join(tag.split()).lower() in _decoded(_unfold_value(f)).lower():
-            return raw
+            return head
         colon = f.index(b":")
         value = f[colon + 1 :]
         stripped = value.lstrip(b" \t")
@@ -172,8 +186,8 @@ def tag_subject(raw: bytes, tag: str) -> bytes:
             fields[i] = f[: colon + 1] + b" " + tag_b + stripped
         else:
             fields[i] = f[: colon + 1] + b" " + tag_b + b" " + stripped
-        return b"".join(fields) + rest
-    return fold_header("Subject", tag) + raw
+        return b"".join(fields)
+    return fold_header("Subject", tag) + head
 
 
 def apply_edits(raw: bytes, edits: Iterable[Edit]) -> bytes:
@@ -182,20 +196,58 @@ def apply_edits(raw: bytes, edits: Iterable[Edit]) -> bytes:
     Added headers are prepended last, in the given order (so the first edit's
     header ends up on top), which keeps them outside any re-encoded part.
     """
+    pieces = edit_pieces(raw, edits)
+    if len(pieces) == 1 and pieces[0] is raw:
+        return raw
+    return b"".join(pieces)
+
+
+Piece = bytes | memoryview
+
+
+def edit_pieces(raw: bytes, edits: Iterable[Edit]) -> list[Piece]:
+    """:func:`apply_edits` as the pieces that join to its result: new bytes
+    (``bytes``) and untouched stretches of ``raw`` (``memoryview``), so that a
+    large message is copied once, by the final join, whatever the edits."""
     edits = list(edits)
-    out = raw
+    head, _ = split_message(raw)
+    new_head = head
     for e in edits:
         if isinstance(e, RemoveHeader):
-            out = remove_header(out, e.name, e.contains, e.first_token)
+            new_head = _remove_fields(new_head, e.name, e.contains, e.first_token)
     for e in edits:
         if isinstance(e, TagSubject):
-            out = tag_subject(out, e.tag)
+            new_head = _tag_fields(new_head, e.tag)
+    added = [fold_header(e.name, e.value) for e in edits if isinstance(e, AddHeader)]
     banners = [e for e in edits if isinstance(e, AddBanner)]
+    view = memoryview(raw)
     if banners:
-        from gateway.banner import add_banner
+        from gateway.banner import add_banner, banner_pieces
 
-        for b in banners:
-            out = add_banner(out, b)
-    for e in reversed([e for e in edits if isinstance(e, AddHeader)]):
-        out = add_header(out, e.name, e.value)
-    return out
+        msg = raw if new_head is head else new_head + view[len(head) :]
+        for b in banners[:-1]:
+            msg = add_banner(msg, b)
+        return [*added, *banner_pieces(msg, banners[-1])]
+    if new_head is head and not added:
+        return [raw]
+    return [*added, new_head, view[len(head) :]]
+
+
+def crlf_clean(pieces: Iterable[Piece], clean_raw: bytes | None = None) -> bool:
+    """True when the joined ``pieces`` have no bare CR or LF.  Untouched
+    stretches of ``clean_raw`` (a message known to have CRLF line ends only)
+    are checked at their ends only (a cut inside a CRLF pair); everything
+    else entirely."""
+    for p in pieces:
+        if not p:
+            continue
+        if clean_raw is not None and (p is clean_raw or (
+                isinstance(p, memoryview) and p.obj is clean_raw)):
+            if p[0] == 10 or p[-1] == 13:
+                return False
+            continue
+        b = bytes(p)
+        pairs = b.count(CRLF)
+        if b.count(b"\n") != pairs or b.count(b"\r") != pairs:
+            return False
+    return True

@@ -326,3 +326,21 @@ def test_corpus_matches_the_feed_parser(corpus: Path) -> None:
             mismatches.append(str(path.relative_to(corpus)))
     assert checked > 300
     assert mismatches == []
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    st.text(alphabet="ABCDabcd0189+/=\r\n !*-", max_size=40),
+    st.binary(max_size=60).map(lambda b: base64.encodebytes(b).decode()),
+    st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode().rstrip("=")),
+).map(lambda s: s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")))
+def test_base64_decoding_matches_the_email_package(text: str) -> None:
+    from email.message import Message
+
+    headers = Message()
+    headers["Content-Transfer-Encoding"] = "base64"
+    part = Message()
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(text)
+    raw = b"xx" + text.encode() + b"yy"
+    assert mime.decode_body(headers, raw, 2, len(raw) - 2) == part.get_payload(decode=True)
