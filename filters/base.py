@@ -170,6 +170,11 @@ class Filter(Protocol):
 
     name: ClassVar[str]
     Settings: ClassVar[type]
+    #: Optional (default True): the filter reads ``Mail.attachments`` or the
+    #: MIME structure, so the pipeline starts it once the message is parsed
+    #: (in a worker thread); False starts it at once.  A filter that says
+    #: False and reads the structure anyway is still correct, only slower.
+    reads_mime: ClassVar[bool]
 
     def __init__(self, settings: Any, ctx: FilterContext) -> None: ...
 

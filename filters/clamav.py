@@ -285,6 +285,8 @@ class ClamAVFilter:
     """Scan every message with clamd (INSTREAM through a pyclamd connection)."""
 
     name: ClassVar[str] = "clamav"
+    #: Scans the raw bytes: starts without waiting for the MIME parse.
+    reads_mime: ClassVar[bool] = False
     Settings: ClassVar[type] = Settings
 
     def __init__(self, settings: Settings, ctx: FilterContext) -> None:

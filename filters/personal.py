@@ -102,6 +102,8 @@ class PersonalFilter:
     """Flags personal mail and tags it with ``X-Mailwarden-Personal: yes``."""
 
     name: ClassVar[str] = "personal"
+    #: Reads headers only: starts without waiting for the MIME parse.
+    reads_mime: ClassVar[bool] = False
     Settings: ClassVar[type] = Settings
 
     def __init__(self, settings: Settings, ctx: FilterContext) -> None:

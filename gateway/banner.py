@@ -317,7 +317,7 @@ class _Walk:
 
 
 def _is_attachment(headers: Message) -> bool:
-    disposition = (headers.get("Content-Disposition") or "").split(";")[0].strip().lower()
+    disposition = str(headers.get("Content-Disposition") or "").split(";")[0].strip().lower()
     return disposition == "attachment" or part_filename(headers) is not None
 
 
@@ -552,6 +552,28 @@ def banner_pieces(raw: bytes, banner: AddBanner) -> list[bytes | memoryview]:
     parts (``bytes``) and the untouched stretches of ``raw`` between them
     (``memoryview``: not copied until the caller's one join).  ``[raw]``
     when nothing changes."""
+    edits = banner_edits(raw, banner)
+    if not edits:
+        return [raw]
+    return splice(raw, 0, edits)
+
+
+def splice(raw: bytes, cursor: int, edits: list[tuple[int, int, bytes]]
+           ) -> list[bytes | memoryview]:
+    """``raw[cursor:]`` with sorted, non-overlapping ``edits`` applied, as pieces."""
+    view = memoryview(raw)
+    out: list[bytes | memoryview] = []
+    for start, end, data in edits:
+        out.append(view[cursor:start])
+        out.append(data)
+        cursor = end
+    out.append(view[cursor:])
+    return out
+
+
+def banner_edits(raw: bytes, banner: AddBanner) -> list[tuple[int, int, bytes]]:
+    """The replacements ``(start, end, bytes)`` that banner ``raw``, sorted and
+    non-overlapping; ``[]`` when nothing changes.  Never raises."""
     try:
         targets = banner_targets(raw)
         edits: list[tuple[int, int, bytes]] = []
@@ -563,20 +585,13 @@ def banner_pieces(raw: bytes, banner: AddBanner) -> list[bytes | memoryview]:
                 part_edits = None
             if part_edits:
                 edits.extend(part_edits)
-        if not edits:
-            return [raw]
         edits.sort()
-        view = memoryview(raw)
-        out: list[bytes | memoryview] = []
         cursor = 0
-        for start, end, data in edits:
+        for start, end, _data in edits:
             if start < cursor:
                 raise _Unexpected("overlapping part ranges")
-            out.append(view[cursor:start])
-            out.append(data)
             cursor = end
-        out.append(view[cursor:])
-        return out
+        return edits
     except Exception as exc:
         log.info("banner: message left unchanged: %r", exc)
-        return [raw]
+        return []

@@ -271,7 +271,7 @@ def _is_body_text(part: Message) -> bool:
     ctype = part.get_content_type()
     if ctype not in ("text/plain", "text/html"):
         return False
-    disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+    disposition = str(part.get("Content-Disposition") or "").split(";")[0].strip().lower()
     return disposition != "attachment" and part_filename(part) is None
 
 
@@ -494,7 +494,7 @@ class Mail:
                 return
             if ctype in ("text/plain", "text/html") and _is_body_text(headers):
                 return  # a text body, not an attachment
-            disposition = (headers.get("Content-Disposition") or "").split(";")[0]
+            disposition = str(headers.get("Content-Disposition") or "").split(";")[0]
             out.append(
                 Attachment(
                     part_filename(headers),
@@ -550,7 +550,7 @@ class Mail:
                 payload = part.get_payload() or b""
                 if isinstance(payload, str):
                     payload = payload.encode("utf-8", "surrogateescape")
-            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+            disposition = str(part.get("Content-Disposition") or "").split(";")[0].strip().lower()
             out.append(
                 Attachment(
                     part_filename(part),

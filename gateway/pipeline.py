@@ -118,10 +118,17 @@ class Pipeline:
 
     # ------------------------------------------------------------- filters
 
-    async def _run_one(self, f: Any, mail: Mail, deadline: float) -> tuple[Verdict, float]:
+    async def _run_one(self, f: Any, mail: Mail, deadline: float,
+                       prepared: asyncio.Future[None] | None) -> tuple[Verdict, float]:
         start = time.perf_counter()
+
+        async def check() -> Verdict:
+            if prepared is not None and getattr(f, "reads_mime", True):
+                await asyncio.shield(prepared)
+            return await f.check(mail)  # type: ignore[no-any-return]
+
         try:
-            verdict = await asyncio.wait_for(f.check(mail), timeout=deadline)
+            verdict = await asyncio.wait_for(check(), timeout=deadline)
         except TimeoutError:
             verdict = Verdict.tempfail(f.name, f"timed out after {deadline:g}s")
         except ParseError as exc:
@@ -135,11 +142,17 @@ class Pipeline:
             verdict = Verdict.tempfail(f.name, "filter returned no verdict")
         return verdict, time.perf_counter() - start
 
-    async def run_filters(self, mail: Mail) -> tuple[list[Verdict], dict[str, float]]:
+    async def run_filters(self, mail: Mail, prepared: asyncio.Future[None] | None = None
+                          ) -> tuple[list[Verdict], dict[str, float]]:
+        """Run the chain concurrently.  ``prepared``: the MIME parse under way
+        in a worker thread; a filter that reads the MIME structure (its
+        ``reads_mime``, True unless it says otherwise) starts when it is
+        done, the others (clamav: the raw bytes; personal: headers) at once."""
         deadline = self.config.gateway.filter_timeout
         if not self.filters:
             return [], {}
-        results = await asyncio.gather(*(self._run_one(f, mail, deadline) for f in self.filters))
+        results = await asyncio.gather(
+            *(self._run_one(f, mail, deadline, prepared) for f in self.filters))
         verdicts = [r[0] for r in results]
         times = {f.name: r[1] for f, r in zip(self.filters, results, strict=True)}
         return verdicts, times
@@ -185,11 +198,13 @@ class Pipeline:
     async def process(self, mail: Mail, relay: Relay) -> Result:
         """Run the chain and carry out the disposition; returns the client's reply."""
         start = time.perf_counter()
+        prepared: asyncio.Future[None] | None = None
         if self.filters and mail.needs_parsing:
             # One MIME parse per message, in a worker thread: on the loop it
-            # would stall every other session (~100 ms for 6.7 MB).
-            await asyncio.get_running_loop().run_in_executor(self.executor, mail.prepare)
-        verdicts, times = await self.run_filters(mail)
+            # would stall every other session (~40 ms for 6.7 MB).  Filters
+            # that do not read the structure (the clamd scan) run meanwhile.
+            prepared = asyncio.get_running_loop().run_in_executor(self.executor, mail.prepare)
+        verdicts, times = await self.run_filters(mail, prepared)
         outcome = resolve(verdicts)
         if outcome is Outcome.RELAY:
             unparseable = await self._banner_needs_structure(mail, verdicts)

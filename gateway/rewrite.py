@@ -222,8 +222,18 @@ def edit_pieces(raw: bytes, edits: Iterable[Edit]) -> list[Piece]:
     banners = [e for e in edits if isinstance(e, AddBanner)]
     view = memoryview(raw)
     if banners:
-        from gateway.banner import add_banner, banner_pieces
+        from gateway.banner import add_banner, banner_edits, banner_pieces, splice
 
+        if len(banners) == 1 and not any(
+            isinstance(e, RemoveHeader) and e.name.lower().startswith("content-") for e in edits
+        ):
+            # The header edits leave every MIME header as it is, so the banner
+            # goes where it would go in the edited message: splice both into
+            # ``raw`` at once, unless the banner changes the top-level header
+            # block itself (a single-part text body becoming quoted-printable).
+            b_edits = banner_edits(raw, banners[0])
+            if all(start >= len(head) for start, _end, _data in b_edits):
+                return [*added, new_head, *splice(raw, len(head), b_edits)]
         msg = raw if new_head is head else new_head + view[len(head) :]
         for b in banners[:-1]:
             msg = add_banner(msg, b)

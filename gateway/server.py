@@ -274,7 +274,8 @@ class GatewaySMTP(SMTP):
         if discarding:
             return b"", replies.MESSAGE_TOO_BIG.format(limit)
         del buf[idx + 2 :]
-        data = buf.replace(b"\r\n.", b"\r\n")
+        # Unstuff (one C-level replace), only when a line starts with a dot.
+        data = buf.replace(b"\r\n.", b"\r\n") if buf.find(b"\r\n.") >= 0 else buf
         del buf
         del data[:2]
         if limit and len(data) > limit:

@@ -320,7 +320,7 @@ def _text_parts(msg: Message) -> list[str]:
     for part in msg.walk():
         if part.is_multipart() or part.get_content_maintype() != "text":
             continue
-        disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+        disposition = str(part.get("Content-Disposition") or "").split(";")[0].strip().lower()
         if disposition == "attachment":
             continue
         try:

@@ -232,6 +232,10 @@ CASES = {
     "transport padding": _msg(
         'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b \t\r\n'
         "Content-Type: image/png\r\n\r\nPNG\r\n--b-- \r\n"),
+    # compat32 gives a Header object, not a str, for a value with 8-bit bytes
+    "8-bit folded disposition": _msg(
+        "Content-Type: application/pdf\r\nContent-Disposition: attachment\r\n \u00e9\r\n"
+        "\r\nx\r\n"),
     "delimiter-like lines": _msg(
         'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
         "Content-Type: text/x\r\n\r\n--bb\r\nx--b\r\n --b\r\n--b--x\r\n--b--\r\n"),
