@@ -276,9 +276,26 @@ class _ClosesOnFailure:
 class _UnixClient(_ClosesOnFailure, pyclamd.ClamdUnixSocket):
     """pyclamd's unix-socket client."""
 
+    @classmethod
+    def for_scan(cls, filename: str, timeout: float) -> _UnixClient:
+        """A client without the constructor's test connection (connect, close):
+        the scan connects once, with ``_init_socket``, and reports failure."""
+        client = cls.__new__(cls)
+        client.unix_socket = filename
+        client.timeout = timeout
+        return client
+
 
 class _NetworkClient(_ClosesOnFailure, pyclamd.ClamdNetworkSocket):
     """pyclamd's TCP client."""
+
+    @classmethod
+    def for_scan(cls, host: str, port: int, timeout: float) -> _NetworkClient:
+        """As :meth:`_UnixClient.for_scan`."""
+        client = cls.__new__(cls)
+        client.host, client.port = host, port
+        client.timeout = timeout
+        return client
 
 
 class ClamAVFilter:
@@ -416,7 +433,11 @@ class ClamAVFilter:
 
         where = self.settings.address
         try:
-            cd = self._connect(remaining())
+            if self._kind == "unix":
+                cd: Any = _UnixClient.for_scan(self._target, remaining())  # type: ignore[arg-type]
+            else:
+                host, port = self._target
+                cd = _NetworkClient.for_scan(host, port, remaining())
             cd._init_socket()  # pyclamd's own connect, with its timeout
         except TimeoutError:
             return ScanResult.unscanned(f"timed out connecting to clamd at {where}")

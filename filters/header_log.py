@@ -205,8 +205,11 @@ class HeaderLogFilter:
         the event loop once the outcome is known, has nothing heavy to do."""
         if not self.settings.log_attachments:
             return Verdict.relay(self.name)
-        loop = asyncio.get_running_loop()
-        described, error = await loop.run_in_executor(self.ctx.executor, self.describe, mail)
+        if mail.prepared:
+            described, error = self.describe(mail)  # parsed and hashed already: cheap
+        else:
+            loop = asyncio.get_running_loop()
+            described, error = await loop.run_in_executor(self.ctx.executor, self.describe, mail)
         if error:
             return Verdict.relay(self.name, attachments_error=error)
         return Verdict.relay(self.name, attachments=tuple(described))

@@ -405,8 +405,14 @@ class Mail:
         """False for a single-part text message (no MIME parse needed)."""
         return not self._single_text_body()
 
+    @property
+    def prepared(self) -> bool:
+        """True once :attr:`attachments` is known (or known to fail): reading
+        it then costs nothing."""
+        return "_once_attachments" in self.__dict__ or not self.needs_parsing
+
     def prepare(self) -> None:
-        """Parse and decode now (blocking; call it off the event loop), so the
+        """Parse and decode now (blocking: off the event loop for a large message), so the
         filters find the work done.  A parse failure is remembered and raised
         to the filters that ask, as if they had parsed themselves."""
         try:
