@@ -519,6 +519,11 @@ class _Scan:
 # -------------------------------------------------------------------- filter
 
 
+#: Up to this many attachments are checked in one worker-thread job; more
+#: are spread over the pool (libmagic and zlib release the GIL).
+FEW_ATTACHMENTS = 4
+
+
 def _raw_filenames(parts: Iterable[Message]) -> dict[str, str]:
     """Filenames as the sender wrote them (RFC 2047/2231 decoded, control
     characters kept), keyed by the sanitised form ``Mail`` exposes.  Only
@@ -610,23 +615,25 @@ class AttachmentTypesFilter:
         """Check every attachment of ``mail`` in the filter's thread pool."""
         loop = asyncio.get_running_loop()
         try:
-            attachments, raw_names = await loop.run_in_executor(self._pool, _collect, mail)
+            if mail.prepared:  # parsed already (the pipeline does it): no hand-over
+                attachments, raw_names = _collect(mail)
+            else:
+                attachments, raw_names = await loop.run_in_executor(self._pool, _collect, mail)
         except ParseError as exc:
             hit = Hit("(message)", "unscannable", f"MIME structure not parseable ({exc})")
             return self._held([hit], [], [])
         if not attachments:
             return Verdict.relay(self.name, attachments=[])
-        reports = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._pool,
-                    self.scan_attachment,
-                    att,
-                    raw_names.get(att.filename) if att.filename else None,
-                )
-                for att in attachments
-            )
-        )
+        jobs = [(att, raw_names.get(att.filename) if att.filename else None)
+                for att in attachments]
+        reports: list[Report]
+        if len(jobs) <= FEW_ATTACHMENTS:
+            # One hand-over to the pool for the usual few attachments.
+            reports = await loop.run_in_executor(
+                self._pool, lambda: [self.scan_attachment(a, n) for a, n in jobs])
+        else:
+            reports = list(await asyncio.gather(*(
+                loop.run_in_executor(self._pool, self.scan_attachment, a, n) for a, n in jobs)))
         facts = [r.facts for r in reports]
         hits = [h for r in reports for h in r.hits]
         macro_hits = [h for r in reports for h in r.macro_hits]
