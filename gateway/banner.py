@@ -345,28 +345,14 @@ def qp_encode(data: bytes) -> bytes:
     """Quoted-printable (RFC 2045 6.7) with CRLF hard breaks and 76-column lines.
 
     Only CRLF is a line break: a bare CR or LF is encoded (=0D, =0A), so the
-    decoded bytes come back exactly.
+    decoded bytes come back exactly.  Each line is encoded by binascii in
+    binary mode (line ends and trailing white space encoded, soft breaks as
+    ``=`` LF, turned into ``=`` CRLF here: no other LF can be in its output).
     """
-    out: list[bytes] = []
-    for line in data.split(CRLF):
-        tokens: list[bytes] = []
-        last = len(line) - 1
-        for i, byte in enumerate(line):
-            if (33 <= byte <= 126 and byte != 61) or (byte in (9, 32) and i != last):
-                tokens.append(bytes((byte,)))
-            else:
-                tokens.append(b"=%02X" % byte)
-        physical: list[bytes] = []
-        current = b""
-        for tok in tokens:
-            if len(current) + len(tok) > 75:
-                physical.append(current + b"=")
-                current = tok
-            else:
-                current += tok
-        physical.append(current)
-        out.append(CRLF.join(physical))
-    return CRLF.join(out)
+    return CRLF.join(
+        binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"\n", CRLF)
+        for line in data.split(CRLF)
+    )
 
 
 def b64_encode(data: bytes) -> bytes:

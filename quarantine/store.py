@@ -445,33 +445,45 @@ class Store:
                     queue.task_done()
 
     async def write_log_batch(self, batch: Sequence[dict[str, Any]]) -> None:
-        """Append records to the chained log in one transaction."""
+        """Append records to the chained log in one transaction.
+
+        A fixed number of round trips to the database thread whatever the
+        batch size (the rows get their ``seq`` here, the next after the last,
+        inside the write lock: what SQLite would give them): each round trip
+        is a hand-over between threads that competes with the mail on the
+        event loop."""
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 async with self.db.execute(
-                    "SELECT hash FROM log ORDER BY seq DESC LIMIT 1"
+                    "SELECT seq, hash FROM log ORDER BY seq DESC LIMIT 1"
                 ) as cur:
                     row = await cur.fetchone()
-                prev = row[0] if row else await self._meta("log_anchor", GENESIS)
+                if row:
+                    seq, prev = int(row[0]), row[1]
+                else:
+                    seq, prev = 0, await self._meta("log_anchor", GENESIS)
+                rows: list[tuple[int, str, str, str, str, str]] = []
+                index: list[tuple[int, str]] = []
                 for rec in batch:
                     rec = dict(rec)
                     addrs = sorted(set(rec.pop("addresses", ()) or ()))
                     payload = canonical(rec)
                     h = chain_hash(prev, payload)
-                    cur = await self.db.execute(
-                        "INSERT INTO log (time, queue_id, direction, record, hash)"
-                        " VALUES (?,?,?,?,?)",
-                        (rec["time"], rec.get("queue_id", ""), rec.get("direction", ""), payload, h),
-                    )
-                    seq = cur.lastrowid
-                    await cur.close()
-                    if addrs:
-                        await self.db.executemany(
-                            "INSERT INTO log_address (seq, address) VALUES (?, ?)",
-                            [(seq, a) for a in addrs],
-                        )
+                    seq += 1
+                    rows.append((seq, rec["time"], rec.get("queue_id", ""),
+                                 rec.get("direction", ""), payload, h))
+                    index.extend((seq, a) for a in addrs)
                     prev = h
+                await self.db.executemany(
+                    "INSERT INTO log (seq, time, queue_id, direction, record, hash)"
+                    " VALUES (?,?,?,?,?,?)",
+                    rows,
+                )
+                if index:
+                    await self.db.executemany(
+                        "INSERT INTO log_address (seq, address) VALUES (?, ?)", index
+                    )
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")

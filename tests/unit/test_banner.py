@@ -21,6 +21,8 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from filters.base import AddBanner
 from gateway.banner import add_banner, ascii_fallback, html_block, plain_block, qp_encode
@@ -319,6 +321,19 @@ def test_qp_encoder_round_trip() -> None:
     assert binascii.a2b_qp(enc) == data
     assert all(len(line) <= 76 for line in enc.split(b"\r\n"))
     assert all(32 <= c < 127 for c in enc.replace(b"\r\n", b""))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=6).map(b"\r\n".join))
+def test_qp_encoder_properties(data: bytes) -> None:
+    import binascii
+
+    enc = qp_encode(data)
+    assert binascii.a2b_qp(enc) == data
+    lines = enc.split(b"\r\n")
+    assert all(len(line) <= 76 for line in lines)
+    assert all(c == 9 or 32 <= c < 127 for c in enc.replace(b"\r\n", b""))  # no bare CR/LF
+    assert all(not line.endswith((b" ", b"\t")) for line in lines)
 
 
 # ------------------------------------------------------------ idempotence and the marker
