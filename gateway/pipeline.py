@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 from filters.base import AddBanner, AddHeader, FilterContext, Outcome, Verdict
@@ -66,6 +67,18 @@ class Result:
     quarantine_id: str | None = None
     elapsed: float = 0.0
     filter_times: dict[str, float] = field(default_factory=dict)
+    #: The bookkeeping left for after the reply (see :meth:`finish`).
+    pending: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def finish(self) -> None:
+        """Write the header-only log record and the message's log line, once.
+
+        The SMTP layer calls this right after the client's reply is on its way
+        (the record is queued for the batched writer anyway, so nothing is
+        less durable), or when the processing ends without a client."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending()
 
 
 def resolve(verdicts: Sequence[Verdict]) -> Outcome:
@@ -306,18 +319,24 @@ class Pipeline:
     # --------------------------------------------------------------- records
 
     def _finish(self, mail: Mail, result: Result) -> None:
-        if self.header_log is not None and self.store is not None:
-            try:
-                record = self.header_log.build_record(mail, result)
-                self.store.append_log(record)
-            except Exception:
-                log.exception("could not build the log record for %s", mail.queue_id)
+        """What happens before the client hears the reply: the virus
+        notification and the observers (metrics); the log record and line
+        are left to :meth:`Result.finish`."""
         self._notify(mail, result)
         for obs in self.observers:
             try:
                 obs.message_done(mail, result)
             except Exception:
                 log.exception("observer failed")
+        result.pending = partial(self._record, mail, result)
+
+    def _record(self, mail: Mail, result: Result) -> None:
+        if self.header_log is not None and self.store is not None:
+            try:
+                record = self.header_log.build_record(mail, result)
+                self.store.append_log(record)
+            except Exception:
+                log.exception("could not build the log record for %s", mail.queue_id)
         verdicts = ",".join(
             f"{v.filter}:{v.outcome.name.lower()}" + (f"({replies.safe_text(v.detail, 80)})" if v.detail else "")
             for v in result.verdicts

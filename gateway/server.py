@@ -441,12 +441,27 @@ class Handler:
         session.processing = task
         self.gateway.in_flight.add(task)
         task.add_done_callback(self.gateway.in_flight.discard)
-        result = await asyncio.shield(task)
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The client is gone; the transaction still completes: log it then.
+            task.add_done_callback(_finish_done)
+            raise
+        # The log record and line once the reply is written (this step goes
+        # on to push it; the callback runs in the loop's next round).
+        asyncio.get_running_loop().call_soon(result.finish)
         return result.reply
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("session error: %s", error)
         return replies.LOCAL_ERROR
+
+
+def _finish_done(task: asyncio.Future[Any]) -> None:
+    """Done-callback: the pending bookkeeping of a processing task whose
+    session ended before it did."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().finish()
 
 
 class Gateway:
