@@ -157,8 +157,8 @@ class Pipeline:
 
         try:
             # asyncio.timeout, not wait_for: no extra task, so a filter's first
-            # step (clamav handing the message to its scan thread) runs as soon
-            # as the chain starts (see run_filters).
+            # step (clamav sending the message to clamd) runs as soon as the
+            # chain starts (see run_filters).
             async with asyncio.timeout(deadline):
                 verdict = await check()
         except TimeoutError:
@@ -305,7 +305,10 @@ class Pipeline:
             return None
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, lambda: mail.part_headers)
+            if mail.prepared:  # the structure is known: nothing to wait for
+                mail.part_headers  # noqa: B018 - raises ParseError when unparseable
+            else:
+                await loop.run_in_executor(self.executor, lambda: mail.part_headers)
         except ParseError as exc:
             return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
         return None
