@@ -33,6 +33,14 @@ def split_message(raw: bytes) -> tuple[bytes, bytes]:
     return raw[: end + 2], raw[end + 2 :]
 
 
+def header_block(raw: bytes) -> bytes:
+    """The first part of :func:`split_message` alone (the body is not copied)."""
+    if raw.startswith(CRLF):
+        return b""
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 2]
+
+
 def header_fields(block: bytes) -> list[bytes]:
     """Split a header block into fields, each with its continuation lines and CRLFs."""
     fields: list[bytes] = []
@@ -210,7 +218,7 @@ def edit_pieces(raw: bytes, edits: Iterable[Edit]) -> list[Piece]:
     (``bytes``) and untouched stretches of ``raw`` (``memoryview``), so that a
     large message is copied once, by the final join, whatever the edits."""
     edits = list(edits)
-    head, _ = split_message(raw)
+    head = header_block(raw)
     new_head = head
     for e in edits:
         if isinstance(e, RemoveHeader):
