@@ -479,12 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
     finally:
-        for t in targets:
-            t.stop()
-        if sink is not None:
-            sink.stop()
-        if clamd is not None:
-            clamd.close()
+        run.stop_all(targets, sink, clamd)
         if args.keep:
             print(f"\nkept {workdir}", file=sys.stderr)
         else:

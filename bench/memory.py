@@ -555,10 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"big: one {args.big_mb:g} MB message ...", file=sys.stderr)
             out["big"] = big(args, env, str(clamd.config_path))
     finally:
-        if sink is not None:
-            sink.stop()
-        if clamd is not None:
-            clamd.close()
+        run.stop_all([], sink, clamd)
         if args.keep:
             print(f"\nkept {workdir}", file=sys.stderr)
         else:

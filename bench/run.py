@@ -255,6 +255,16 @@ def clamd_pid(clamd: Any) -> int | None:
 # -------------------------------------------------------------------- targets
 
 
+def stop_all(targets: list[Any], sink: Sink | None, clamd: Any) -> None:
+    """Stop whatever a benchmark started: its targets, the sink, clamd."""
+    for t in targets:
+        t.stop()
+    if sink is not None:
+        sink.stop()
+    if clamd is not None:
+        clamd.close()
+
+
 def gateway_config(path: Path, *, listen: int, sink: int, store: Path,
                    chain: tuple[str, ...], clamd_socket: str) -> Path:
     """Write a mailwarden config for the benchmark and validate it."""
@@ -860,12 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_matrix(args, env, files, targets, samples)
     finally:
-        for t in targets:
-            t.stop()
-        if sink is not None:
-            sink.stop()
-        if clamd is not None:
-            clamd.close()
+        stop_all(targets, sink, clamd)
     if args.profile:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -57,6 +57,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from gateway.message import header_block
+
 log = logging.getLogger("mailwarden.dkim")
 
 
@@ -315,12 +317,6 @@ async def _verify_one(d: _OffLoopDKIM, idx: int, lookup: TxtLookup) -> Signature
 
 
 _HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
-
-
-def header_block(raw: bytes) -> bytes:
-    """The message's header block (up to the empty line), copied alone."""
-    end = raw.find(b"\r\n\r\n")
-    return raw if end < 0 else raw[:end]
 
 
 def has_signature(raw: bytes) -> bool:

@@ -267,13 +267,14 @@ class ExternalAttachmentsFilter:
         """Verify DKIM, classify the sender, and return the edits."""
         if mail.direction != Direction.INBOUND:
             return Verdict.relay(self.name)
-        results = await dkim_check.verify_dkim(
-            mail.raw, self.lookup, self.ctx.executor, timeout=self.settings.dns_timeout,
-            # The process pool only for a large *signed* message (unsigned
-            # mail is answered from the header block).
-            processes=(self.processes(len(mail.raw))
-                       if dkim_check.has_signature(mail.raw) else None),
-        )
+        # Unsigned mail (most of it) is answered from the header block: no
+        # DKIM parse, and no process pool started for a large message.
+        results: tuple[dkim_check.SignatureResult, ...] = ()
+        if dkim_check.has_signature(mail.raw):
+            results = await dkim_check.verify_dkim(
+                mail.raw, self.lookup, self.ctx.executor, timeout=self.settings.dns_timeout,
+                processes=self.processes(len(mail.raw)),
+            )
         sender = self.classify(mail, results)
         extra: list[str] = []
         arc_status: str | None = None

@@ -114,6 +114,16 @@ class _BoundedParser(email.feedparser.BytesFeedParser):
         super()._new_message()  # type: ignore[misc]
 
 
+def header_block(raw: bytes) -> bytes:
+    """The top-level header block of a CRLF message with its final CRLF,
+    copied alone (never the body): ``b""`` when the message starts with the
+    empty line, all of ``raw`` when it has none."""
+    if raw.startswith(b"\r\n"):
+        return b""
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 2]
+
+
 def header_lines(raw: bytes, limit: int = MAX_HEADER_LINES) -> int:
     """Physical lines in the top-level header block of ``raw`` (CRLF line
     ends), counted up to ``limit + 1`` at most: cheap on any input."""
@@ -341,11 +351,7 @@ class Mail:
     @cached_property
     def header_bytes(self) -> bytes:
         """The raw header block, up to (not including) the blank line."""
-        raw = self.raw
-        end = raw.find(b"\r\n\r\n")
-        if end < 0:
-            return raw
-        return raw[: end + 2]
+        return header_block(self.raw)
 
     @cached_property
     def headers(self) -> Message:
@@ -421,6 +427,10 @@ class Mail:
             pass
 
     def _single_text_body(self) -> bool:
+        return self._single_text
+
+    @cached_property
+    def _single_text(self) -> bool:
         headers = self.headers
         ctypes = headers.get_all("Content-Type") or []
         if len(ctypes) > 1 or len(headers.get_all("Content-Disposition") or []) > 1:

@@ -52,11 +52,12 @@ class Observer(Protocol):
     def message_done(self, mail: Mail, result: Result) -> None: ...
 
 
-#: Messages up to this size (bytes) are MIME-parsed on the event loop, larger
-#: ones in a worker thread (see Pipeline.run_filters) -- and so are messages
-#: with more lines or delimiter-like lines than below: 5,000 parts in 170 KB
-#: cost ~0.2 s of parsing, which must not stall every other session.
-PARSE_ON_LOOP = 256 * 1024
+#: Messages up to this size (bytes) are MIME-parsed and edited on the event
+#: loop, larger ones in a worker thread (see Pipeline.run_filters and _apply)
+#: -- and parsed there too with more lines or delimiter-like lines than
+#: below: 5,000 parts in 170 KB cost ~0.2 s, which must not stall every other
+#: session.
+ON_LOOP_BYTES = 256 * 1024
 PARSE_ON_LOOP_LINES = 4000
 PARSE_ON_LOOP_DELIMITERS = 64
 
@@ -183,7 +184,7 @@ class Pipeline:
         starts once the parse is done; the others (clamav: the raw bytes;
         personal: headers) start at once, so clamd scans while the message is
         parsed.  The parse runs on the loop for a message of up to
-        :data:`PARSE_ON_LOOP` bytes with few lines and parts (well under a
+        :data:`ON_LOOP_BYTES` bytes with few lines and parts (well under a
         millisecond: cheaper than a hop to a worker thread and back), in a
         worker thread otherwise (~40 ms for 6.7 MB would stall every other
         session)."""
@@ -195,7 +196,7 @@ class Pipeline:
         tasks = [asyncio.ensure_future(self._run_one(f, mail, deadline, prepared))
                  for f in self.filters]
         if prepared is not None:
-            if mail.size <= PARSE_ON_LOOP and _few_parts(mail.raw):
+            if mail.size <= ON_LOOP_BYTES and _few_parts(mail.raw):
                 await asyncio.sleep(0)  # the filters that need no parse start first
                 mail.prepare()
                 prepared.set_result(None)
@@ -317,7 +318,7 @@ class Pipeline:
         # Header-only edits are cheap; banners re-encode body parts: off the loop
         # for large messages.
         content = mail.raw
-        if len(content) > 256 * 1024 and any(not isinstance(e, AddHeader) for e in edits):
+        if len(content) > ON_LOOP_BYTES and any(not isinstance(e, AddHeader) for e in edits):
             loop = asyncio.get_running_loop()
             pieces = await loop.run_in_executor(self.executor, edit_pieces, content, edits)
         else:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 
 from filters.base import AddBanner, AddHeader, Edit, RemoveHeader, TagSubject
+from gateway.message import header_block
 
 CRLF = b"\r\n"
 
@@ -25,20 +26,8 @@ def split_message(raw: bytes) -> tuple[bytes, bytes]:
 
     ``header + rest == raw`` always holds.
     """
-    if raw.startswith(CRLF):
-        return b"", raw
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return raw, b""
-    return raw[: end + 2], raw[end + 2 :]
-
-
-def header_block(raw: bytes) -> bytes:
-    """The first part of :func:`split_message` alone (the body is not copied)."""
-    if raw.startswith(CRLF):
-        return b""
-    end = raw.find(b"\r\n\r\n")
-    return raw if end < 0 else raw[: end + 2]
+    head = header_block(raw)
+    return head, raw[len(head) :]
 
 
 def header_fields(block: bytes) -> list[bytes]:
