@@ -60,8 +60,8 @@ import peers  # noqa: E402
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: What the ``mailwarden`` console script runs.
-MAILWARDEN_MAIN = "import sys; from gateway.cli import main; sys.argv[0] = 'mailwarden'; main()"
+#: The target that runs another commit's code (``--before REV``).
+BEFORE = "mw-full@before"
 
 ALL_TARGETS = ("sink", "bare", "bare+uv", "bare+scan", "bare+scan+uv",
                "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv")
@@ -73,6 +73,7 @@ BASELINE = {
     "mw-empty": "bare", "mw-empty+uv": "bare+uv",
     "mw-full": "bare+scan", "mw-full+uv": "bare+scan+uv",
     "bare+scan": "bare", "bare+scan+uv": "bare+uv",
+    BEFORE: "bare+scan",
 }
 
 #: Messages per cell: (1 session, more sessions).  --messages overrides.
@@ -338,12 +339,15 @@ class Target:
             conf = gateway_config(work / "config.toml", listen=self.port, sink=env.sink.port,
                                   store=work / "store", chain=chain,
                                   clamd_socket=env.clamd_socket)
-            # Not ``-m gateway.cli``: that runs cli.py twice (as __main__ and as
-            # gateway.cli when quarantine's commands import it).
-            entry = [str(BENCH / "uvloop_serve.py")] if uv else ["-c", MAILWARDEN_MAIN]
+            code = env.before_src if self.name == BEFORE else env.src
+            assert code is not None
+            entry = ([str(BENCH / "uvloop_serve.py")] if uv
+                     else ["-c", console_main(code)])
             argv = [py, *entry, "serve", "--config", str(conf)]
-        src = str(env.src)
-        argv = [a.replace(str(BENCH), str(env.src / "bench")) for a in argv]
+        code = env.before_src if self.name == BEFORE else env.src
+        assert code is not None
+        src = str(code)
+        argv = [a.replace(str(BENCH), str(code / "bench")) for a in argv]
         pypath = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             argv, cwd=src, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -400,10 +404,32 @@ class Env:
     src: Path = ROOT
     clamd_tcp: str = ""
     generation: int = 0
+    #: ``--before REV``: that commit's tree (see snapshot_rev()).
+    before_src: Path | None = None
+
+
+def _pyproject(root: Path) -> dict[str, Any]:
+    import tomllib
+
+    with (root / "pyproject.toml").open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def code_dirs(root: Path) -> tuple[str, ...]:
+    """What a target process imports: the packages pyproject.toml installs, and bench/."""
+    packages = _pyproject(root).get("tool", {}).get("setuptools", {}).get("packages", [])
+    return (*sorted({p.split(".")[0] for p in packages}), "bench")
+
+
+def console_main(root: Path) -> str:
+    """``python -c`` code that runs the tree's ``mailwarden`` console script."""
+    target = _pyproject(root)["project"]["scripts"]["mailwarden"]
+    module, func = target.split(":")
+    return f"import sys; from {module} import {func}; sys.argv[0] = 'mailwarden'; {func}()"
 
 
 #: What a target process imports: copied once per run (see snapshot()).
-SNAPSHOT_DIRS = ("gateway", "filters", "quarantine", "bench")
+SNAPSHOT_DIRS = code_dirs(ROOT)
 
 
 def code_version() -> str:
@@ -429,7 +455,26 @@ def snapshot(dest: Path) -> Path:
     for name in SNAPSHOT_DIRS:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")  # names the entry point
     return dest
+
+
+def snapshot_rev(rev: str, dest: Path) -> Path:
+    """Another commit's whole tree (``git archive``), for ``--before REV``."""
+    dest.mkdir(parents=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+                                 capture_output=True, check=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench: --before {rev}: {exc.stderr.decode().strip()}") from None
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def rev_version(rev: str) -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", rev],
+                         capture_output=True, text=True)
+    return out.stdout.strip()[:72] or rev
 
 
 # ----------------------------------------------------------------------- cells
@@ -576,6 +621,10 @@ def summarize(samples: list[Sample]) -> dict[tuple[str, int, str], dict[str, Any
         ok = all((s.delivered == 0) if held else (s.delivered == s.messages) for s in all_runs)
         out[key] = {
             "rate": median([s.rate for s in group]),
+            # Run-to-run noise: (max - min) / median of the runs' rates.
+            "spread": ((max(s.rate for s in group) - min(s.rate for s in group))
+                       / statistics.median(s.rate for s in group))
+            if len(group) > 1 and statistics.median(s.rate for s in group) else None,
             "cpu_ms": median([s.cpu_ms for s in group]),
             "clamd_ms": median([s.clamd_ms for s in group]),
             "rss_mb": max((s.rss_mb for s in group if s.rss_mb is not None), default=None),
@@ -686,6 +735,25 @@ def print_issue10(summary: dict[tuple[str, int, str], dict[str, Any]], order: li
                          + ("" if amavis_big is not None else " (issue figure)"))
         print(f"  {mw}: " + "; ".join(parts)
               + "  [goals: >= 60% of the bare relay + scan, >= 3x amavis, big CPU < amavis]")
+
+
+def print_before_after(summary: dict[tuple[str, int, str], dict[str, Any]],
+                       msets: list[str], sessions: list[int]) -> None:
+    """``--before``: the full chain on the old code vs the work tree, cell by cell."""
+    rows = [(m, s) for m in msets for s in sessions
+            if (m, s, BEFORE) in summary and (m, s, "mw-full") in summary]
+    if not rows:
+        return
+    print(f"\nBefore / after (mw-full vs {BEFORE}, same run; medians):")
+    print("| set | sessions | before msgs/s | after msgs/s | after/before "
+          "| before CPU ms/msg | after CPU ms/msg | run spread before / after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, s in rows:
+        b, a = summary[(m, s, BEFORE)], summary[(m, s, "mw-full")]
+        ratio = a["rate"] / b["rate"] if b["rate"] else None
+        print(f"| {m} | {s} | {fmt(b['rate'], ',.1f')} | {fmt(a['rate'], ',.1f')} "
+              f"| {fmt(ratio, '.0%')} | {fmt(b['cpu_ms'], '.2f')} | {fmt(a['cpu_ms'], '.2f')} "
+              f"| {fmt(b['spread'], '.0%')} / {fmt(a['spread'], '.0%')} |")
 
 
 def print_issue2(summary: dict[tuple[str, int, str], dict[str, Any]], sessions: list[int]) -> None:
@@ -809,6 +877,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chain", help="the full chain to test (default: gateway.config.DEFAULT_CHAIN)")
     p.add_argument("--peers", action="store_true",
                    help="also run amavisd-new and clamsmtp from Debian's packages")
+    p.add_argument("--before", metavar="REV",
+                   help="also run the full chain on commit REV's code (target "
+                        f"{BEFORE}), interleaved with the rest: before/after in one run")
     p.add_argument("--json", metavar="FILE", help="write every sample and the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     p.add_argument("--profile", metavar="DIR",
@@ -826,6 +897,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown target {t!r} (known: {', '.join(ALL_TARGETS + PEER_TARGETS)})")
     if args.peers:
         args.targets += [t for t in PEER_TARGETS if t not in args.targets]
+    if args.before and BEFORE not in args.targets:
+        args.targets.append(BEFORE)
     for t in args.targets:
         if t in PEER_TARGETS and peers.missing(t):
             p.error(f"target {t} needs: {peers.missing(t)}")
@@ -859,12 +932,16 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[Sample] = []
     t_start = time.monotonic()
     args.code = code_version()
+    if args.before:
+        args.code += f"; {BEFORE} = {rev_version(args.before)}"
     try:
         sink = Sink(workdir)
         clamd = start_clamd(tcp="amavis" in args.targets) if need_clamd else None
         env = Env(workdir, sink, clamd.socket if clamd else "", clamd_pid(clamd) if clamd else None,
                   full_chain, src=snapshot(workdir / "src"),
-                  clamd_tcp=(clamd.tcp_address or "") if clamd else "")
+                  clamd_tcp=(clamd.tcp_address or "") if clamd else "",
+                  before_src=snapshot_rev(args.before, workdir / "src-before")
+                  if args.before else None)
         if args.profile:
             profile(args, env, files)
         else:
@@ -942,6 +1019,7 @@ def report(args: argparse.Namespace, samples: list[Sample], elapsed: float) -> b
     print_table(summary, list(args.targets), args.matrix, args.sessions)
     print_issue2(summary, args.sessions)
     print_issue10(summary, list(args.targets))
+    print_before_after(summary, args.matrix, args.sessions)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "samples": [s.__dict__ | {"rate": s.rate} for s in samples],
