@@ -338,7 +338,7 @@ def test_serve_purges_on_its_own_schedule(setup: Setup, tmp_path: Path) -> None:
     proc = subprocess.Popen(["faketime", "-f", "+100d", *CLI, "--config", str(config), "serve"],
                             stdout=log, stderr=log, cwd=REPO, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while exe_path.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
     finally:
