@@ -129,6 +129,8 @@ class NextHop:
         self._lt.call(go())
 
     def stop(self) -> None:
+        if self.hold is not None:
+            self.hold.set()  # release a held answer: its executor thread must end
         self.stop_listening()
         self._lt.close()
 
