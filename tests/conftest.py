@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.harness import Gateway, NextHop, test_config
+from tests.support.otheruser import PortableInstall, portable_install
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -28,6 +29,15 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"shared corpus not present at {CORPUS} (only in the project's CI)")
     return CORPUS
+
+
+@pytest.fixture(scope="session")
+def other_user_install() -> Iterator[PortableInstall]:
+    """mailwarden and its dependencies where any user can run them (issue 19):
+    for tests that run the CLI as another Unix user; see tests/support/otheruser.py."""
+    install = portable_install(REPO)
+    yield install
+    install.remove()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from tests.support.harness import make_message
 
 
 def _raw_session(port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
     _read_reply(s)
     return s
 
@@ -194,12 +194,17 @@ def test_next_hop_drops_mid_data(make_gateway, next_hop):
 
 
 def test_next_hop_slow_past_timeout(make_gateway, next_hop):
-    gw = make_gateway(gateway={"next_hop_timeout": 1})
-    next_hop.delay = 3
-    code, text = gw.send(make_message())
-    assert code == 451 and "4.4.2" in text
-    next_hop.delay = 0
-    time.sleep(2.5)  # let the slow transaction finish at the next hop side
+    gw = make_gateway(gateway={"next_hop_timeout": 3})
+    # Slower than any timeout: the next hop answers the end of data only when
+    # the test lets it (after the gateway has given up).
+    next_hop.hold = threading.Event()
+    try:
+        code, text = gw.send(make_message())
+        assert code == 451 and "4.4.2" in text
+    finally:
+        next_hop.hold.set()
+    next_hop.wait_answered(1)  # the slow transaction has finished at the next hop side
+    next_hop.hold = None
     code, _ = gw.send(make_message())
     assert code == 250
 
@@ -229,15 +234,30 @@ def test_next_hop_refuses_mail_from(make_gateway, next_hop):
 def test_max_sessions_gets_421(make_gateway, next_hop):
     gw = make_gateway(gateway={"max_sessions": 2})
     held = [_raw_session(gw.port) for _ in range(2)]
-    extra = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    extra = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
     reply = _read_reply(extra)
     assert reply.startswith(b"421 4.7.0"), reply
     extra.close()
     for s in held:
         s.close()
-    time.sleep(0.2)
+    _wait_greeted(gw.port)  # the gateway has seen the held sessions go
     code, _ = gw.send(make_message())
     assert code == 250
+
+
+def _wait_greeted(port: int, timeout: float = 120) -> None:
+    """Until a new session is greeted with 220 instead of 421."""
+    deadline = time.monotonic() + timeout
+    reply = b""
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            reply = _read_reply(s)
+            if reply.startswith(b"220"):
+                s.sendall(b"QUIT\r\n")
+                _read_reply(s)
+                return
+        time.sleep(0.02)  # poll interval of the wait
+    raise AssertionError(f"no 220 greeting within {timeout} s after the sessions closed: {reply!r}")
 
 
 # ------------------------------------------------------------------------ XFORWARD
@@ -442,7 +462,7 @@ def test_client_disconnect_after_data_still_completes(make_gateway, next_hop):
     _cmd(s, b"DATA")
     s.sendall(b"Subject: vanish\r\n\r\nbye\r\n.\r\n")
     s.close()
-    next_hop.wait_for(1, timeout=5)
+    next_hop.wait_for(1)
     assert len(next_hop.messages) == 1
 
 

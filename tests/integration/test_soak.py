@@ -41,6 +41,7 @@ from tests.support.served import (
     fd_count,
     proc_status,
     quarantine_rows,
+    wait_sessions_closed,
 )
 
 pytestmark = pytest.mark.soak
@@ -72,7 +73,7 @@ class Drain(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.take()
-            time.sleep(0.2)
+            self.nh.wait_for(1, timeout=0.5)  # woken by the next message
         self.take()
 
     def take(self) -> None:
@@ -128,7 +129,9 @@ def test_soak_50_sessions_of_1mb(tmp_path: Path, next_hop: NextHop, clamd: Any) 
         warm = Session(-1, gw.port, time.monotonic() + 1, templates)
         warm.run()
         assert not warm.errors, warm.errors
-        time.sleep(1)
+        # The warm-up session is closed on the gateway's side (and its next hop
+        # connection): only then is the fd count the resting one.
+        wait_sessions_closed(gw.pid, [gw.port, next_hop.port])
         fds_before = fd_count(gw.pid)
         deadline = time.monotonic() + SECONDS
         sessions = [Session(k, gw.port, deadline, templates) for k in range(SESSIONS)]
@@ -137,12 +140,13 @@ def test_soak_50_sessions_of_1mb(tmp_path: Path, next_hop: NextHop, clamd: Any) 
         for s in sessions:
             s.join(SECONDS + 240)
         status = proc_status(gw.pid)
-        fds_after = fds_before
-        for _ in range(50):  # sessions close asynchronously
+        # Sessions close asynchronously: wait until the gateway holds none.
+        wait_sessions_closed(gw.pid, [gw.port, next_hop.port])
+        fds_after = fd_count(gw.pid)
+        settle_by = time.monotonic() + 60  # and whatever else they held is closed
+        while fds_after > fds_before and time.monotonic() < settle_by:
+            time.sleep(0.05)  # poll interval of the wait
             fds_after = fd_count(gw.pid)
-            if fds_after <= fds_before:
-                break
-            time.sleep(0.1)
         alive = gw.alive()
         rows = quarantine_rows(gw.store)
     finally:

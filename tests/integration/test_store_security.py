@@ -26,8 +26,6 @@ import re
 import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -40,6 +38,7 @@ from quarantine import files
 from quarantine.store import Store
 from tests.support.eicar import eicar
 from tests.support.harness import NextHop, make_message
+from tests.support.otheruser import PortableInstall, as_user
 from tests.support.process import REPO, cli, write_config
 from tests.support.served import quarantine_row, quarantine_rows, send_exact
 
@@ -374,16 +373,6 @@ def test_injection_payloads_are_data(make_gateway: Any, next_hop: NextHop, clamd
 # ------------------------------------------------------- a user without access
 
 
-def _as_nobody() -> list[str] | None:
-    if os.geteuid() != 0:
-        return None
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    runuser = shutil.which("runuser")
-    return [runuser, "-u", "nobody", "--"] if runuser else None
-
-
 @pytest.fixture
 def root_only_store() -> Iterator[Path]:
     """A config anyone can read, pointing at a root-only (0700) store with an item."""
@@ -410,15 +399,16 @@ def root_only_store() -> Iterator[Path]:
     ["subject-access", "a@example.com"],
 ], ids=lambda a: "-".join(a[:2]))
 def test_cli_as_a_user_who_cannot_read_the_store(root_only_store: Path,
+                                                  other_user_install: PortableInstall,
                                                   args: list[str]) -> None:
-    prefix = _as_nobody()
-    if prefix is None:
+    # A copy of the code nobody can reach wherever the checkout lives (issue 19).
+    if as_user("nobody") is None:
         pytest.skip("needs root (and setpriv or runuser) to run the CLI as nobody")
-    out = subprocess.run(
-        [*prefix, sys.executable, "-m", "gateway.cli", "--config", str(root_only_store), *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-        env={**os.environ, "HOME": "/nonexistent"},
-    )
+    why = other_user_install.probe("nobody")
+    if why is not None:  # only where the base interpreter itself is out of nobody's reach
+        pytest.skip(f"user nobody cannot start Python from {other_user_install.python}: {why}")
+    out = other_user_install.run_as("nobody", "gateway.cli", "--config", str(root_only_store),
+                                    *args)
     assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()

@@ -170,7 +170,7 @@ class Clamd:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         """Start clamd and wait (bounded) until it answers PING."""
         if self.running:
             return

@@ -69,7 +69,14 @@ class NextHop:
     Failure injection: ``rcpt_replies`` (address -> reply), ``mail_reply``,
     ``data_reply`` (reply to the end of data), ``drop_on_data`` (close the
     connection instead of answering the end of data), ``delay`` (seconds before
-    answering the end of data), ``xforward`` (advertise XFORWARD).
+    answering the end of data), ``hold`` (a :class:`threading.Event`: the end
+    of data is answered only once the test sets it), ``xforward`` (advertise
+    XFORWARD).
+
+    Events a test can wait on instead of sleeping: ``data_started`` (an end of
+    data arrived), :meth:`wait_for` (that many messages recorded) and
+    :meth:`wait_answered` (that many ends of data answered, whatever the
+    answer, after any delay or hold).
     """
 
     def __init__(self, *, xforward: bool = True, port: int = 0) -> None:
@@ -79,10 +86,14 @@ class NextHop:
         self.data_reply: str | None = None
         self.drop_on_data = False
         self.delay = 0.0
+        self.hold: threading.Event | None = None
         self.advertise_xforward = xforward
         self.sessions = 0
         #: end-of-data received (before any delay/answer): a test can wait on it
         self.data_started = threading.Event()
+        #: ends of data answered (or dropped), after any delay or hold
+        self.answered = 0
+        self._changed = threading.Condition()
         self._lt = LoopThread("next-hop")
         self._server: asyncio.base_events.Server | None = None
         self.host = "127.0.0.1"
@@ -118,16 +129,28 @@ class NextHop:
         self._lt.call(go())
 
     def stop(self) -> None:
+        if self.hold is not None:
+            self.hold.set()  # release a held answer: its executor thread must end
         self.stop_listening()
         self._lt.close()
 
-    def wait_for(self, count: int, timeout: float = 10) -> list[Received]:
-        import time
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
-        deadline = time.monotonic() + timeout
-        while len(self.messages) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
+    def wait_for(self, count: int, timeout: float = 120) -> list[Received]:
+        """Until ``count`` messages are recorded (or the timeout: the caller's
+        assertion on the list then says what is missing)."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.messages) >= count, timeout)
         return self.messages
+
+    def wait_answered(self, count: int, timeout: float = 120) -> None:
+        """Until ``count`` ends of data were answered; raises naming the wait."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.answered >= count, timeout):
+                raise AssertionError(f"next hop: {self.answered} ends of data answered after"
+                                     f" {timeout} s, waited for {count}")
 
 
 class _NextHopHandler:
@@ -159,9 +182,19 @@ class _NextHopHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        try:
+            return await self._answer_data(server, session, envelope)
+        finally:
+            self.nh.answered += 1
+            self.nh.notify()
+
+    async def _answer_data(self, server: Any, session: Session, envelope: Envelope) -> str:
         self.nh.data_started.set()
         if self.nh.delay:
             await asyncio.sleep(self.nh.delay)
+        hold = self.nh.hold
+        if hold is not None and not hold.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, hold.wait, 600)
         if self.nh.drop_on_data:
             server.transport.close()
             return "421 dropped"
@@ -195,7 +228,7 @@ def test_config(
             "next_hop": next_hop,
             "hostname": "mailwarden.test",
             "internal_domains": ["example.com"],
-            "next_hop_timeout": 5,
+            "next_hop_timeout": 30,
             "drain_timeout": 5,
             **(gateway or {}),
         },

@@ -211,7 +211,7 @@ class Postfix:
 
     # ------------------------------------------------------------ commands
 
-    def _run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             list(args), capture_output=True, text=True, timeout=timeout, check=False,
             env={**os.environ, "MAIL_CONFIG": str(self.config_dir)},
@@ -230,7 +230,7 @@ class Postfix:
         proc = self._run(POSTCONF, "-c", str(self.config_dir), "-n")
         return [line for line in proc.stderr.splitlines() if "warning" in line]
 
-    def start(self, timeout: float = 20) -> None:
+    def start(self, timeout: float = 120) -> None:
         """Start the instance and wait until the public and re-injection ports accept."""
         self._run(POSTFIX, "-c", str(self.config_dir), "start", timeout=timeout)
         self.running = True
@@ -276,7 +276,7 @@ class Postfix:
         proc = self._run(POSTQUEUE, "-c", str(self.config_dir), "-j")
         return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
-    def wait_queue_empty(self, timeout: float = 20) -> None:
+    def wait_queue_empty(self, timeout: float = 120) -> None:
         """Wait until Postfix has delivered (or dropped) everything it queued."""
         deadline = time.monotonic() + timeout
         while self.queue():
@@ -284,7 +284,7 @@ class Postfix:
                 raise AssertionError(f"postfix queue not empty: {self.queue()}\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def wait_log(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         """Wait until the maillog matches ``pattern`` (a regex); returns the match."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)

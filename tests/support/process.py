@@ -67,7 +67,7 @@ def write_config(
             "next_hop": next_hop,
             "hostname": "mailwarden.test",
             "internal_domains": ["example.com"],
-            "next_hop_timeout": 5,
+            "next_hop_timeout": 30,
             "drain_timeout": 10,
             **(gateway or {}),
         },
@@ -102,7 +102,9 @@ class GatewayProcess:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> GatewayProcess:
+    def start(self, timeout: float = 120) -> GatewayProcess:
+        """Start and wait until the listener greets with 220 (generous: a
+        loaded machine takes seconds to import the filters)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"],
@@ -121,13 +123,42 @@ class GatewayProcess:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"mailwarden did not start: {self.log()}")
+        raise RuntimeError(f"mailwarden did not greet on port {self.port} within {timeout} s:"
+                           f" {self.log()}")
 
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_mark(self) -> int:
+        """The log's current length: pass it to :meth:`wait_log` as ``since``."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_log(self, needle: str, *, since: int = 0, timeout: float = 120) -> str:
+        """Until ``needle`` appears in the log after byte ``since``; returns that
+        part of the log.  Raises naming the line it waited for (and the log)
+        when the timeout passes or the process exits without writing it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(since)
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            if needle in text:
+                return text
+            exited = self.proc is not None and self.proc.poll() is not None
+            if exited or time.monotonic() > deadline:
+                why = "exited" if exited else f"{timeout} s passed"
+                raise AssertionError(f"waited for {needle!r} in the mailwarden log; {why}:"
+                                     f"\n{self.log()}")
+            time.sleep(0.02)  # poll interval of the wait, not a synchronisation
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

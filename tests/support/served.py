@@ -222,6 +222,43 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def tcp_sockets(pid: int, ports: Iterable[int]) -> int:
+    """How many TCP sockets process ``pid`` holds open whose local or remote
+    port is one of ``ports`` (a listener excepted): its client sessions on its
+    own port, its connections to a next hop on that one's."""
+    wanted = set(ports)
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = line.split()
+                local, remote, state, inode = f[1], f[2], f[3], f[9]
+                if inode not in inodes or state == "0A":  # 0A: LISTEN
+                    continue
+                if int(local.rsplit(":", 1)[1], 16) in wanted or \
+                        int(remote.rsplit(":", 1)[1], 16) in wanted:
+                    count += 1
+    return count
+
+
+def wait_sessions_closed(pid: int, ports: Iterable[int], timeout: float = 120) -> None:
+    """Until process ``pid`` holds no session socket on ``ports`` (see
+    :func:`tcp_sockets`); raises naming the wait."""
+    ports = list(ports)
+    deadline = time.monotonic() + timeout
+    while (n := tcp_sockets(pid, ports)) > 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still holds {n} sockets on ports {ports}"
+                                 f" after {timeout} s")
+        time.sleep(0.02)  # poll interval of the wait
+
+
 @dataclass
 class ServedGateway:
     """``mailwarden serve`` in a subprocess, configured for the full chain."""
