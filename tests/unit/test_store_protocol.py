@@ -311,3 +311,13 @@ async def test_erase_tombstones(store: StoreProtocol, clock: Clock) -> None:
     assert '"subject":"s2"' in rows[1].record
     result = await verify(store)
     assert result.ok and "erased records: 2" in result.message, result.message
+
+
+def test_sqlite_backend_has_every_protocol_method() -> None:
+    from quarantine.store import SQLiteStore
+
+    methods = [n for n, v in vars(StoreProtocol).items()
+               if callable(v) and not n.startswith("_")]
+    assert len(methods) >= 39
+    missing = [n for n in methods if not callable(getattr(SQLiteStore, n, None))]
+    assert not missing, missing
