@@ -226,10 +226,7 @@ class Metrics:
                 return
             self._quarantine_at = now
             try:
-                async with self.store.db.execute(
-                    "SELECT count(*), coalesce(sum(size), 0) FROM quarantine WHERE state = 'held'"
-                ) as cur:
-                    row = await cur.fetchone()
+                row = await self.store.quarantine_totals()
             except Exception as exc:
                 log.warning("metrics: cannot read the quarantine size: %s", exc)
                 return

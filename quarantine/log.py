@@ -9,7 +9,7 @@ Tamper evidence
 ---------------
 Every log row carries ``hash = chain_hash(prev, record)`` where ``record`` is
 the canonical JSON stored in the row and ``prev`` is the previous row's hash
-(``quarantine.store.Store.write_log_batch``).  The first row's ``prev`` is the
+(the backend's ``write_log_batch``).  The first row's ``prev`` is the
 ``meta`` value ``log_anchor`` (``GENESIS``, 64 zeros, when absent).
 
 Contract with retention (``quarantine/retention.py``): a purge that deletes
@@ -64,7 +64,8 @@ from typing import Any, BinaryIO, NamedTuple
 import click
 
 from filters.header_log import address_digest
-from quarantine.store import ERASED_KEYS, GENESIS, Store, canonical, chain_hash, iso
+from quarantine.store import ERASED_KEYS, GENESIS, Row, canonical, chain_hash, iso
+from quarantine.store import StoreProtocol as Store
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -133,17 +134,6 @@ def month_of(iso_time: str) -> str:
 # ------------------------------------------------------------------- reading
 
 
-class Row(NamedTuple):
-    """One stored log row."""
-
-    seq: int
-    time: str
-    queue_id: str
-    direction: str
-    record: str
-    hash: str
-
-
 @dataclass(frozen=True)
 class LogQuery:
     """Which records an export or stats run reads (all optional)."""
@@ -164,61 +154,17 @@ class LogQuery:
             "direction": self.direction,
         }
 
-    def _where(self, after: int) -> tuple[str, list[Any]]:
-        clauses = ["l.seq > ?"]
-        params: list[Any] = [after]
-        if self.up_to is not None:
-            clauses.append("l.seq <= ?")
-            params.append(self.up_to)
-        if self.since is not None:
-            clauses.append("l.time >= ?")
-            params.append(iso(self.since))
-        if self.until is not None:
-            clauses.append("l.time <= ?")
-            params.append(iso(self.until))
-        if self.direction is not None:
-            clauses.append("l.direction = ?")
-            params.append(self.direction)
-        if self.address is not None:
-            clauses.append("a.address = ?")
-            params.append(self.address.strip().lower())
-        return " AND ".join(clauses), params
-
-    def _from(self) -> str:
-        if self.address is not None:
-            # (address, seq) index: a keyset scan over one address's records
-            return "log_address a JOIN log l ON l.seq = a.seq"
-        return "log l"
-
-    def page_sql(self, after: int, limit: int) -> tuple[str, list[Any]]:
-        where, params = self._where(after)
-        sql = (
-            "SELECT l.seq, l.time, l.queue_id, l.direction, l.record, l.hash"
-            f" FROM {self._from()} WHERE {where} ORDER BY l.seq LIMIT ?"
-        )
-        return sql, [*params, limit]
-
-    def count_sql(self) -> tuple[str, list[Any]]:
-        where, params = self._where(0)
-        return f"SELECT count(*) FROM {self._from()} WHERE {where}", params
-
-
-async def _fetch(store: Store, sql: str, params: list[Any]) -> list[Row]:
-    async with store.db.execute(sql, params) as cur:
-        return [Row(*r) for r in await cur.fetchall()]
-
 
 async def iter_pages(
     store: Store, query: LogQuery, page_size: int = PAGE_SIZE
 ) -> AsyncIterator[list[Row]]:
     """Yield the matching rows in ``seq`` order, one page at a time.
 
-    The next page is fetched (in aiosqlite's thread) while the caller works
+    The next page is fetched (by the store backend) while the caller works
     on the current one; at most two pages are in memory.
     """
     after = 0
-    sql, params = query.page_sql(after, page_size)
-    pending = asyncio.ensure_future(_fetch(store, sql, params))
+    pending = asyncio.ensure_future(store.log_page(query, after, page_size))
     try:
         while True:
             page = await pending
@@ -229,8 +175,7 @@ async def iter_pages(
                 pending = None
                 yield page
                 return
-            sql, params = query.page_sql(after, page_size)
-            pending = asyncio.ensure_future(_fetch(store, sql, params))
+            pending = asyncio.ensure_future(store.log_page(query, after, page_size))
             yield page
     finally:
         if pending is not None and not pending.done():
@@ -243,23 +188,12 @@ async def iter_pages(
 
 async def count(store: Store, query: LogQuery) -> int:
     """How many records match (for the progress bar)."""
-    sql, params = query.count_sql()
-    async with store.db.execute(sql, params) as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
+    return await store.log_count(query)
 
 
 async def last_seq(store: Store) -> int:
     """The highest ``seq`` in the log (0 when empty)."""
-    async with store.db.execute("SELECT max(seq) FROM log") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
-
-
-async def _meta(store: Store, key: str) -> str:
-    async with store.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-        row = await cur.fetchone()
-    return str(row[0]) if row else GENESIS
+    return await store.log_last_seq()
 
 
 # -------------------------------------------------------------- verification
@@ -274,13 +208,7 @@ class VerifyResult(NamedTuple):
 
 
 async def _index(store: Store, lo: int, hi: int) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    async with store.db.execute(
-        "SELECT seq, address FROM log_address WHERE seq >= ? AND seq <= ?", (lo, hi)
-    ) as cur:
-        for seq, address in await cur.fetchall():
-            out.setdefault(seq, []).append(address)
-    return out
+    return await store.log_index(lo, hi)
 
 
 def _check_row(row: Row, prevs: tuple[str, ...], index: list[str]) -> tuple[str | None, bool]:
@@ -317,7 +245,7 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
     erasure tombstone must be confirmed by its ``erase`` audit row (which
     lists the erased seqs); :func:`verify_audit` proves that row authentic.
     """
-    anchor = await _meta(store, "log_anchor")
+    anchor = await store.log_anchor()
     prevs: tuple[str, ...] = (anchor,)
     failures: list[tuple[Row, str]] = []  # the first one, then (row, "") per other
     bad = 0
@@ -382,13 +310,9 @@ async def _erased_by(store: Store, audit_seq: int) -> set[int] | None:
     """The log seqs the ``erase`` audit row ``audit_seq`` lists (empty when it
     is missing or not an erase), or None when that audit row has itself been
     purged by audit retention (nothing left to check against)."""
-    async with store.db.execute(
-        "SELECT command, detail FROM audit WHERE seq = ?", (audit_seq,)
-    ) as cur:
-        row = await cur.fetchone()
+    row = await store.audit_entry(audit_seq)
     if row is None:
-        async with store.db.execute("SELECT min(seq) FROM audit") as cur:
-            oldest = (await cur.fetchone() or (None,))[0]
+        oldest = await store.audit_first_seq()
         if oldest is not None and 0 < audit_seq < oldest:
             return None
         return set()
@@ -403,18 +327,13 @@ async def _erased_by(store: Store, audit_seq: int) -> set[int] | None:
 
 async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:
     """Recompute the audit trail's hash chain from ``meta.audit_anchor``."""
-    prev = await _meta(store, "audit_anchor")
+    prev = await store.audit_anchor()
     after = 0
     checked = 0
     first: tuple[int, str, str] | None = None
     bad = 0
     while True:
-        async with store.db.execute(
-            "SELECT seq, time, user, uid, command, targets, filters, reason, exceptional,"
-            " detail, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, page_size),
-        ) as cur:
-            rows = await cur.fetchall()
+        rows = await store.audit_page(after, page_size)
         if not rows:
             break
         for seq, t, user, uid, command, targets, filters, reason, exceptional, detail, h in rows:

@@ -39,7 +39,8 @@ from typing import Any
 
 from gateway.config import Config
 from quarantine import files
-from quarantine.store import MESSAGES_DIR, Store, iso
+from quarantine.store import MESSAGES_DIR, iso
+from quarantine.store import StoreProtocol as Store
 
 log = logging.getLogger("mailwarden.retention")
 
@@ -47,52 +48,23 @@ log = logging.getLogger("mailwarden.retention")
 BATCH = 500
 
 
-async def _count(store: Store, sql: str, args: tuple[Any, ...]) -> int:
-    async with store.db.execute(sql, args) as cur:
-        row = await cur.fetchone()
-    return int(row[0] or 0) if row else 0
-
-
-async def _prefix_end(store: Store, table: str, cutoff: str) -> int:
-    """The last seq of the chain prefix whose rows are all older than ``cutoff`` (0: none).
-
-    ``time || ''`` keeps SQLite off the time index, so it walks the primary
-    key from the oldest row and stops at the first one to keep: the cost is
-    the number of expired rows, not the size of the log.
-    """
-    async with store.db.execute(
-        f"SELECT seq FROM {table} WHERE time || '' >= ? ORDER BY seq LIMIT 1", (cutoff,)
-    ) as cur:
-        row = await cur.fetchone()
-    if row is not None:
-        return int(row[0]) - 1
-    return await _count(store, f"SELECT max(seq) FROM {table}", ())
-
-
 async def plan(store: Store, config: Config, now: datetime) -> dict[str, Any]:
     """What a purge at ``now`` removes (counts only; changes nothing)."""
     cutoff = iso(now - timedelta(days=config.store.retention_days))
     audit_cutoff = iso(now - timedelta(days=config.store.audit_retention_days))
-    log_end = await _prefix_end(store, "log", cutoff)
-    audit_end = await _prefix_end(store, "audit", audit_cutoff)
+    counts = await store.retention_plan(cutoff, audit_cutoff)
     return {
         "now": iso(now),
         "cutoff": cutoff,
         "retention_days": config.store.retention_days,
         "audit_cutoff": audit_cutoff,
         "audit_retention_days": config.store.audit_retention_days,
-        "quarantine_items": await _count(
-            store, "SELECT count(*) FROM quarantine WHERE received < ? AND hold = 0", (cutoff,)
-        ),
-        "kept_under_hold": await _count(
-            store, "SELECT count(*) FROM quarantine WHERE received < ? AND hold = 1", (cutoff,)
-        ),
-        "log_records": await _count(store, "SELECT count(*) FROM log WHERE seq <= ?", (log_end,)),
-        "audit_rows": await _count(
-            store, "SELECT count(*) FROM audit WHERE seq <= ?", (audit_end,)
-        ),
-        "_log_end": log_end,
-        "_audit_end": audit_end,
+        "quarantine_items": counts["quarantine_items"],
+        "kept_under_hold": counts["kept_under_hold"],
+        "log_records": counts["log_records"],
+        "audit_rows": counts["audit_rows"],
+        "_log_end": counts["log_end"],
+        "_audit_end": counts["audit_end"],
     }
 
 
@@ -117,9 +89,9 @@ async def purge(store: Store, config: Config, *, dry_run: bool, command: str) ->
     removed, files_removed = await _purge_quarantine(store, summary["cutoff"])
     summary["quarantine_items"] = removed
     summary["files_removed"] = files_removed
-    summary["log_records"] = await _purge_chain(store, "log", "log_anchor", log_end)
+    summary["log_records"] = await store.purge_log_through(log_end, BATCH * 10)
     # The purge's own audit row is newer than the cutoff, so it always stays.
-    summary["audit_rows"] = await _purge_chain(store, "audit", "audit_anchor", audit_end)
+    summary["audit_rows"] = await store.purge_audit_through(audit_end, BATCH * 10)
     summary["orphan_files_removed"] = await _sweep(store, summary["cutoff"])
     summary["checkpoint"] = await store.checkpoint()
     if removed or summary["log_records"] or summary["audit_rows"]:
@@ -134,50 +106,15 @@ async def purge(store: Store, config: Config, *, dry_run: bool, command: str) ->
 
 async def _purge_quarantine(store: Store, cutoff: str) -> tuple[int, int]:
     removed = files_removed = 0
-    while True:
-        async with store.transaction() as db:
-            async with db.execute(
-                "SELECT id, path FROM quarantine WHERE received < ? AND hold = 0"
-                " ORDER BY received LIMIT ?",
-                (cutoff, BATCH),
-            ) as cur:
-                rows = await cur.fetchall()
-            if rows:
-                ids = [r[0] for r in rows]
-                marks = ",".join("?" * len(ids))
-                await db.execute(f"DELETE FROM quarantine_address WHERE id IN ({marks})", ids)
-                await db.execute(f"DELETE FROM quarantine WHERE id IN ({marks})", ids)
-        if not rows:
-            return removed, files_removed
+    async for rows in store.purge_quarantine_before(cutoff, BATCH):
         removed += len(rows)
         for _, path in rows:
             try:
-                if await asyncio.to_thread(files.secure_delete, store.root, path):
+                if await store.delete_body(path):
                     files_removed += 1
             except (OSError, files.StorePathError) as exc:
                 log.error("retention: cannot delete %s: %s", path, exc)
-
-
-async def _purge_chain(store: Store, table: str, anchor: str, end: int) -> int:
-    """Delete rows ``seq <= end`` of a chained table, oldest first, moving the anchor."""
-    index = {"log": "log_address"}.get(table)
-    total = 0
-    while True:
-        async with store.transaction() as db:
-            async with db.execute(
-                f"SELECT seq, hash FROM {table} WHERE seq <= ? ORDER BY seq LIMIT ?",
-                (end, BATCH * 10),
-            ) as cur:
-                rows = await cur.fetchall()
-            if rows:
-                last_seq, last_hash = rows[-1]
-                if index:
-                    await db.execute(f"DELETE FROM {index} WHERE seq <= ?", (last_seq,))
-                await db.execute(f"DELETE FROM {table} WHERE seq <= ?", (last_seq,))
-                await store.set_meta(anchor, last_hash)
-        if not rows:
-            return total
-        total += len(rows)
+    return removed, files_removed
 
 
 def _old_message_files(root: Path, cutoff_day: str) -> list[tuple[str, str]]:
@@ -216,12 +153,8 @@ async def _sweep(store: Store, cutoff: str) -> int:
     removed = 0
     for relative, qid in candidates:
         if qid:
-            async with store.db.execute(
-                "SELECT 1 FROM quarantine WHERE id = ? AND path = ? AND state != 'deleted'",
-                (qid, relative),
-            ) as cur:
-                if await cur.fetchone() is not None:
-                    continue  # a held item, or one from the cutoff day itself
+            if await store.item_is_live(qid, relative):
+                continue  # a held item, or one from the cutoff day itself
         try:
             if await asyncio.to_thread(files.secure_delete, store.root, relative):
                 removed += 1

@@ -30,13 +30,12 @@ Decisions
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message
@@ -45,18 +44,10 @@ from typing import IO, Any
 
 from gateway.message import Direction, Mail, decode_header_value
 from quarantine import files
-from quarantine.store import Store, erased_record, iso
+from quarantine.store import COLUMNS, NotFound, OnHold, erased_record, iso
+from quarantine.store import StoreProtocol as Store
 
 STATES = ("held", "released", "deleted")
-
-#: Columns of the quarantine table read by the review commands.
-COLUMNS = (
-    "id", "received", "queue_id", "direction", "client_addr", "helo", "mail_from",
-    "rcpt_tos", "hdr_from", "hdr_to", "subject", "message_id", "hdr_date", "size",
-    "reason", "detail", "personal", "hold", "state", "path", "sha256", "verdicts", "updated",
-)
-_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM quarantine"
-
 
 class Refusal(Exception):
     """A command refused, with a one-line reason and its exit status
@@ -73,23 +64,6 @@ class IntegrityError(Refusal):
 
 
 # --------------------------------------------------------------------- rows
-
-
-def _row(values: Sequence[Any]) -> dict[str, Any]:
-    item = dict(zip(COLUMNS, values, strict=True))
-    item["rcpt_tos"] = _json_list(item["rcpt_tos"])
-    item["verdicts"] = _json_list(item["verdicts"])
-    item["personal"] = bool(item["personal"])
-    item["hold"] = bool(item["hold"])
-    return item
-
-
-def _json_list(text: str | None) -> list[Any]:
-    try:
-        value = json.loads(text or "[]")
-    except ValueError:
-        return []
-    return value if isinstance(value, list) else []
 
 
 def public(item: dict[str, Any]) -> dict[str, Any]:
@@ -152,21 +126,6 @@ class ListQuery:
 LIST_WINDOW = 5000
 
 
-async def _reason_values(store: Store, name: str) -> list[str]:
-    """The stored ``reason`` values (comma-separated filter names) naming ``name``.
-
-    A loose index scan over ``quarantine_reason``: one index seek per distinct
-    value, so it costs nothing on 100,000 items.
-    """
-    async with store.db.execute(
-        "WITH RECURSIVE r(reason) AS (SELECT min(reason) FROM quarantine UNION ALL"
-        " SELECT (SELECT min(reason) FROM quarantine WHERE reason > r.reason) FROM r"
-        " WHERE r.reason IS NOT NULL) SELECT reason FROM r WHERE reason IS NOT NULL"
-    ) as cur:
-        values = [r[0] for r in await cur.fetchall()]
-    return [v for v in values if name in v.split(",")]
-
-
 async def list_items(store: Store, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
     """One page of items, newest first; returns (items, more pages exist).
 
@@ -181,68 +140,10 @@ async def list_items(store: Store, q: ListQuery) -> tuple[list[dict[str, Any]], 
        index, whose random row lookups cost thirty times more than reading
        the table in order).
     """
-    where: list[str] = []
-    args: list[Any] = []
-    rng: list[str] = []
-    rng_args: list[Any] = []
-    if q.since:
-        rng.append("received >= ?")
-        rng_args.append(q.since)
-    if q.until:
-        rng.append("received <= ?")
-        rng_args.append(q.until)
-    if q.state != "all":
-        where.append("state = ?")
-        args.append(q.state)
-    if q.reason:
-        values = await _reason_values(store, q.reason.strip().lower())
-        if not values:
-            return [], False
-        where.append(f"reason IN ({_marks(len(values))})")
-        args += values
-    if q.address:
-        where.append("id IN (SELECT id FROM quarantine_address WHERE address = ?)")
-        args.append(q.address)
-    need, offset = q.limit + 1, (q.page - 1) * q.limit
-    conditions = [*rng, *where]
-    base = _SELECT + (" WHERE " + " AND ".join(conditions) if conditions else "")
-
-    async with store.db.execute(
-        "SELECT received FROM quarantine" + (" WHERE " + " AND ".join(rng) if rng else "")
-        + " ORDER BY received DESC LIMIT 1 OFFSET ?",
-        [*rng_args, LIST_WINDOW + offset],
-    ) as cur:
-        edge = await cur.fetchone()
-    rows: list[Any] = []
-    if where and offset > LIST_WINDOW:
-        # A deep page of a filtered list: straight to the sequential scan.
-        async with store.db.execute(
-            base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?", [*rng_args, *args, need, offset]
-        ) as cur:
-            rows = list(await cur.fetchall())
-    elif edge is None or where:
-        # The index walk, bounded to the window when the range is bigger.
-        sql = base + (" AND" if conditions else " WHERE") + " received >= ?" if edge else base
-        bound = [edge[0]] if edge else []
-        async with store.db.execute(
-            sql + " ORDER BY received DESC LIMIT ? OFFSET ?",
-            [*rng_args, *args, *bound, need, offset],
-        ) as cur:
-            rows = list(await cur.fetchall())
-        if edge is not None and len(rows) < need:
-            async with store.db.execute(
-                base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?",
-                [*rng_args, *args, need, offset],
-            ) as cur:
-                rows = list(await cur.fetchall())
-    else:
-        # No filter beyond the range: the index walk is exact and short.
-        async with store.db.execute(
-            base + " ORDER BY received DESC LIMIT ? OFFSET ?", [*rng_args, need, offset]
-        ) as cur:
-            rows = list(await cur.fetchall())
-    items = [_row(r) for r in rows]
-    return items[: q.limit], len(items) > q.limit
+    return await store.list_quarantine(
+        since=q.since, until=q.until, reason=q.reason, address=q.address, state=q.state,
+        limit=q.limit, page=q.page, window=LIST_WINDOW,
+    )
 
 
 async def get_item(store: Store, qid: str) -> dict[str, Any]:
@@ -251,11 +152,10 @@ async def get_item(store: Store, qid: str) -> dict[str, Any]:
         files.check_id(qid)
     except files.StorePathError as exc:
         raise Refusal(str(exc), 2) from None
-    async with store.db.execute(_SELECT + " WHERE id = ?", (qid,)) as cur:
-        row = await cur.fetchone()
-    if row is None:
+    item = await store.get_item(qid)
+    if item is None:
         raise Refusal(f"no quarantine item {qid}", 1)
-    return _row(row)
+    return item
 
 
 # ----------------------------------------------------------------- messages
@@ -266,7 +166,7 @@ async def read_message(store: Store, item: dict[str, Any]) -> bytes:
     if item["state"] == "deleted":
         raise IntegrityError(f"quarantine item {item['id']} was deleted", 1)
     try:
-        raw = await asyncio.to_thread(files.read_message, store.root, item["path"])
+        raw = await store.read_body(item)
     except FileNotFoundError:
         raise IntegrityError(f"the message file of {item['id']} is missing", 1) from None
     except files.StorePathError as exc:
@@ -420,12 +320,7 @@ def release_refusal(item: dict[str, Any], *, force: bool) -> Refusal | None:
 
 
 async def mark_released(store: Store, qid: str) -> None:
-    now = iso(store.clock())
-    async with store.transaction() as db:
-        await db.execute(
-            "UPDATE quarantine SET state = 'released', updated = ? WHERE id = ? AND state != 'deleted'",
-            (now, qid),
-        )
+    await store.mark_released(qid)
 
 
 # ------------------------------------------------------------ delete, hold
@@ -435,32 +330,16 @@ async def delete_item(store: Store, qid: str) -> bool:
     """Tombstone the row (blanking everything personal), then overwrite and
     unlink the file.  Refusal if the item is under legal hold.  Returns whether
     a file was removed."""
-    now = iso(store.clock())
-    async with store.transaction() as db:
-        async with db.execute("SELECT hold, path FROM quarantine WHERE id = ?", (qid,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            raise Refusal(f"no quarantine item {qid}", 1)
-        if row[0]:
-            raise Refusal(f"quarantine item {qid} is under legal hold; unhold it first", 1)
-        path = row[1]
-        await db.execute(
-            "UPDATE quarantine SET state = 'deleted', client_addr = '', helo = '',"
-            " mail_from = '', rcpt_tos = '[]', hdr_from = NULL, hdr_to = NULL,"
-            " subject = NULL, message_id = NULL, hdr_date = NULL, detail = '',"
-            " verdicts = '[]', updated = ? WHERE id = ?",
-            (now, qid),
-        )
-        await db.execute("DELETE FROM quarantine_address WHERE id = ?", (qid,))
-    return await asyncio.to_thread(files.secure_delete, store.root, path)
+    try:
+        return await store.delete_item(qid)
+    except NotFound:
+        raise Refusal(f"no quarantine item {qid}", 1) from None
+    except OnHold:
+        raise Refusal(f"quarantine item {qid} is under legal hold; unhold it first", 1) from None
 
 
 async def set_hold(store: Store, qid: str, hold: bool) -> None:
-    now = iso(store.clock())
-    async with store.transaction() as db:
-        await db.execute(
-            "UPDATE quarantine SET hold = ?, updated = ? WHERE id = ?", (int(hold), now, qid)
-        )
+    await store.set_hold(qid, hold)
 
 
 # ---------------------------------------------------- subject access, erase
@@ -479,29 +358,12 @@ class SubjectData:
 
 async def find_subject(store: Store, address: str) -> SubjectData:
     """Log seqs and quarantine ids that concern ``address`` (via the indexes)."""
-    async with store.db.execute(
-        "SELECT seq FROM log_address WHERE address = ? ORDER BY seq", (address,)
-    ) as cur:
-        seqs = sorted({int(r[0]) for r in await cur.fetchall()})
-    async with store.db.execute(
-        "SELECT q.id, q.hold, q.personal FROM quarantine q WHERE q.id IN"
-        " (SELECT id FROM quarantine_address WHERE address = ?) ORDER BY q.received",
-        (address,),
-    ) as cur:
-        rows = await cur.fetchall()
+    seqs = await store.subject_log_seqs(address)
+    rows = await store.subject_items(address)
     return SubjectData(
         address, seqs, [r[0] for r in rows], [r[0] for r in rows if r[1]],
         [r[0] for r in rows if r[2]],
     )
-
-
-def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(values), size):
-        yield values[i : i + size]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
 
 
 def _concerns(row: dict[str, Any], address: str, ids: set[str]) -> bool:
@@ -518,21 +380,7 @@ async def audit_rows(
     store: Store, *, since: str | None = None, until: str | None = None
 ) -> list[dict[str, Any]]:
     """Audit rows, oldest first, optionally bounded by time (``until`` inclusive)."""
-    where, args = [], []
-    if since:
-        where.append("time >= ?")
-        args.append(since)
-    if until:
-        where.append("time <= ?")
-        args.append(until)
-    sql = ("SELECT seq, time, user, uid, command, targets, filters, reason, exceptional,"
-           " detail, hash FROM audit")
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY seq"
-    async with store.db.execute(sql, args) as cur:
-        rows = await cur.fetchall()
-    return [_audit_row(r) for r in rows]
+    return [_audit_row(r) for r in await store.audit_rows(since=since, until=until)]
 
 
 def _audit_row(r: Sequence[Any]) -> dict[str, Any]:
@@ -570,46 +418,36 @@ async def write_subject_access(
     out.write(f'"generated_by": {json.dumps(generated_by)},\n')
     out.write('"log_records": [')
     first = True
-    for chunk in _chunks(subject.log_seqs):
-        async with store.db.execute(
-            f"SELECT seq, time, record FROM log WHERE seq IN ({_marks(len(chunk))}) ORDER BY seq",
-            list(chunk),
-        ) as cur:
-            for seq, time, record in await cur.fetchall():
-                try:
-                    rec = json.loads(record)
-                except ValueError:
-                    rec = {"unreadable": True}
-                out.write(("\n" if first else ",\n") + json.dumps(
-                    {"seq": seq, "time": time, "record": rec}, ensure_ascii=False))
-                first = False
-                counts["log_records"] += 1
+    async for seq, time, record in store.log_records(subject.log_seqs):
+        try:
+            rec = json.loads(record)
+        except ValueError:
+            rec = {"unreadable": True}
+        out.write(("\n" if first else ",\n") + json.dumps(
+            {"seq": seq, "time": time, "record": rec}, ensure_ascii=False))
+        first = False
+        counts["log_records"] += 1
     out.write('\n],\n"quarantine_items": [')
     first = True
-    for chunk in _chunks(subject.item_ids):
-        async with store.db.execute(
-            _SELECT + f" WHERE id IN ({_marks(len(chunk))}) ORDER BY received", list(chunk)
-        ) as cur:
-            rows = [_row(r) for r in await cur.fetchall()]
-        for item in rows:
-            doc = public(item)
-            if include_bodies and item["state"] != "deleted":
-                if item["personal"] and not exceptional:
-                    doc["body_withheld"] = "marked personal: needs --exceptional"
+    for item in await store.get_items(subject.item_ids):
+        doc = public(item)
+        if include_bodies and item["state"] != "deleted":
+            if item["personal"] and not exceptional:
+                doc["body_withheld"] = "marked personal: needs --exceptional"
+            else:
+                try:
+                    raw = await read_message(store, item)
+                except IntegrityError as exc:
+                    doc["body_withheld"] = exc.message
                 else:
                     try:
-                        raw = await read_message(store, item)
-                    except IntegrityError as exc:
-                        doc["body_withheld"] = exc.message
-                    else:
-                        try:
-                            doc["message"] = raw.decode("utf-8")
-                        except UnicodeDecodeError:
-                            doc["message_base64"] = base64.b64encode(raw).decode("ascii")
-                        counts["bodies"] += 1
-            out.write(("\n" if first else ",\n") + json.dumps(doc, ensure_ascii=False))
-            first = False
-            counts["quarantine_items"] += 1
+                        doc["message"] = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        doc["message_base64"] = base64.b64encode(raw).decode("ascii")
+                    counts["bodies"] += 1
+        out.write(("\n" if first else ",\n") + json.dumps(doc, ensure_ascii=False))
+        first = False
+        counts["quarantine_items"] += 1
     out.write('\n],\n"audit_rows": [')
     first = True
     ids = set(subject.item_ids)
@@ -648,40 +486,8 @@ async def erase(store: Store, subject: SubjectData, *, audit_seq: int) -> dict[s
     """
     now = iso(store.clock())
     tomb = erased_record(now, audit_seq)
-    erased_log = 0
-    for chunk in _chunks(subject.log_seqs):
-        async with store.transaction() as db:
-            cur = await db.execute(
-                f"UPDATE log SET record = ?, queue_id = '', direction = ''"
-                f" WHERE seq IN ({_marks(len(chunk))})",
-                [tomb, *chunk],
-            )
-            erased_log += max(cur.rowcount, 0)
-            await cur.close()
-            await db.execute(
-                f"DELETE FROM log_address WHERE seq IN ({_marks(len(chunk))})", list(chunk)
-            )
-    removed: list[str] = []
-    paths: list[str] = []
-    for chunk in _chunks(subject.item_ids):
-        async with store.transaction() as db:
-            async with db.execute(
-                f"SELECT id, path FROM quarantine WHERE hold = 0 AND id IN ({_marks(len(chunk))})",
-                list(chunk),
-            ) as cur:
-                rows = await cur.fetchall()
-            ids = [r[0] for r in rows]
-            if ids:
-                await db.execute(
-                    f"DELETE FROM quarantine_address WHERE id IN ({_marks(len(ids))})", ids
-                )
-                await db.execute(f"DELETE FROM quarantine WHERE id IN ({_marks(len(ids))})", ids)
-            removed += ids
-            paths += [r[1] for r in rows]
-    files_removed = 0
-    for p in paths:
-        if await asyncio.to_thread(files.secure_delete, store.root, p):
-            files_removed += 1
+    erased_log = await store.erase_log(subject.log_seqs, tomb)
+    removed, files_removed = await store.erase_items(subject.item_ids)
     held = [i for i in subject.item_ids if i not in set(removed)]
     checkpoint = await store.checkpoint()
     return {

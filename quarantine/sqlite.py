@@ -1,0 +1,1029 @@
+"""The SQLite backend of the store protocol (:class:`quarantine.store.StoreProtocol`).
+
+Every SQL statement of mailwarden lives in this module: the schema and its
+migrations (``MIGRATIONS``, versioned by ``PRAGMA user_version``), the
+quarantine, the chained log and audit trail, subject access, erasure and
+retention.  The rest of the code sees only the protocol's domain methods, so a
+second backend (PostgreSQL) is an addition next to this file.
+
+One database ``mailwarden.db`` (WAL, ``synchronous=FULL``, ``secure_delete``)
+and message files under ``messages/``.  Writes from the event loop go through
+aiosqlite's thread, file I/O through an executor: nothing here blocks the loop.
+
+Chain positions: a log or audit append reads the chain's head (last seq and
+hash, or the anchor) *inside* its own ``BEGIN IMMEDIATE`` transaction and
+inserts after it, so the position comes from the database, not from Python
+state: several processes appending to one file still get one gapless chain.
+The in-process lock only serialises transactions on the one shared
+connection (aiosqlite cannot interleave two transactions on a connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from quarantine import files
+from quarantine.store import (
+    COLUMNS,
+    DB_NAME,
+    GENESIS,
+    MESSAGES_DIR,
+    LogFilter,
+    NotFound,
+    OnHold,
+    Row,
+    StoreError,
+    addresses_of,
+    canonical,
+    chain_hash,
+    iso,
+    new_quarantine_id,
+    os_user,
+    utcnow,
+)
+
+log = logging.getLogger("mailwarden.store")
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE quarantine (
+        id TEXT PRIMARY KEY,
+        received TEXT NOT NULL,
+        queue_id TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        client_addr TEXT NOT NULL,
+        helo TEXT NOT NULL DEFAULT '',
+        mail_from TEXT NOT NULL,
+        rcpt_tos TEXT NOT NULL,
+        hdr_from TEXT,
+        hdr_to TEXT,
+        subject TEXT,
+        message_id TEXT,
+        hdr_date TEXT,
+        size INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        personal INTEGER NOT NULL DEFAULT 0,
+        hold INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'held',
+        path TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        verdicts TEXT NOT NULL DEFAULT '[]',
+        updated TEXT NOT NULL
+    );
+    CREATE INDEX quarantine_received ON quarantine (received);
+    CREATE INDEX quarantine_reason ON quarantine (reason, received);
+    CREATE TABLE quarantine_address (id TEXT NOT NULL, address TEXT NOT NULL);
+    CREATE INDEX quarantine_address_addr ON quarantine_address (address);
+    CREATE INDEX quarantine_address_id ON quarantine_address (id);
+    CREATE TABLE log (
+        seq INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        queue_id TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        record TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX log_time ON log (time);
+    CREATE TABLE log_address (seq INTEGER NOT NULL, address TEXT NOT NULL);
+    CREATE INDEX log_address_addr ON log_address (address, seq);
+    CREATE INDEX log_address_seq ON log_address (seq);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        user TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        command TEXT NOT NULL,
+        targets TEXT NOT NULL DEFAULT '[]',
+        filters TEXT NOT NULL DEFAULT '{}',
+        reason TEXT NOT NULL DEFAULT '',
+        exceptional INTEGER NOT NULL DEFAULT 0,
+        detail TEXT NOT NULL DEFAULT '{}',
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_time ON audit (time);
+    """,
+]
+
+
+
+_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM quarantine"
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def _json_list(text: str | None) -> list[Any]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def item_row(values: Sequence[Any]) -> dict[str, Any]:
+    """A quarantine row as the dict the review commands use."""
+    item = dict(zip(COLUMNS, values, strict=True))
+    item["rcpt_tos"] = _json_list(item["rcpt_tos"])
+    item["verdicts"] = _json_list(item["verdicts"])
+    item["personal"] = bool(item["personal"])
+    item["hold"] = bool(item["hold"])
+    return item
+
+
+def _log_where(q: LogFilter, after: int) -> tuple[str, list[Any]]:
+    clauses = ["l.seq > ?"]
+    params: list[Any] = [after]
+    if q.up_to is not None:
+        clauses.append("l.seq <= ?")
+        params.append(q.up_to)
+    if q.since is not None:
+        clauses.append("l.time >= ?")
+        params.append(iso(q.since))
+    if q.until is not None:
+        clauses.append("l.time <= ?")
+        params.append(iso(q.until))
+    if q.direction is not None:
+        clauses.append("l.direction = ?")
+        params.append(q.direction)
+    if q.address is not None:
+        clauses.append("a.address = ?")
+        params.append(q.address.strip().lower())
+    return " AND ".join(clauses), params
+
+
+def _log_from(q: LogFilter) -> str:
+    if q.address is not None:
+        # (address, seq) index: a keyset scan over one address's records
+        return "log_address a JOIN log l ON l.seq = a.seq"
+    return "log l"
+
+
+class SQLiteStore:
+    """The SQLite backend of :class:`quarantine.store.StoreProtocol`.
+
+    Open with :meth:`open`; one instance per process (several processes may
+    share the file: chain positions are read inside each write transaction)."""
+
+    def __init__(
+        self,
+        root: Path,
+        db: aiosqlite.Connection,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        batch_size: int = 200,
+        flush_interval: float = 0.5,
+    ) -> None:
+        self.root = root
+        self.db = db
+        self.clock = clock
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._log_queue: asyncio.Queue[dict[str, Any] | None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.log_failures = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        batch_size: int = 200,
+        flush_interval: float = 0.5,
+        create: bool = True,
+    ) -> SQLiteStore:
+        root = Path(path)
+        try:
+            if create:
+                await asyncio.to_thread(files.ensure_dir, root)
+                await asyncio.to_thread(files.ensure_dir, root / MESSAGES_DIR)
+            elif not root.is_dir():
+                raise StoreError(f"store {root} does not exist")
+            if not os.access(root, os.R_OK | os.X_OK):
+                raise StoreError(f"cannot read the store at {root} (permission denied)")
+            dbfile = root / DB_NAME
+            if not create and not dbfile.exists():
+                raise StoreError(f"no database at {dbfile}")
+            new = not dbfile.exists()
+            db = await aiosqlite.connect(dbfile, isolation_level=None)
+        except (OSError, aiosqlite.Error) as exc:
+            raise StoreError(f"cannot open the store at {root}: {exc}") from None
+        try:
+            if new:
+                os.chmod(dbfile, files.FILE_MODE)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA secure_delete=ON")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+            store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval)
+            await store._migrate()
+        except (OSError, aiosqlite.Error) as exc:
+            await db.close()
+            raise StoreError(f"cannot open the store at {root}: {exc}") from None
+        return store
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database schema version {version} is newer than this mailwarden "
+                f"({len(MIGRATIONS)})"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await _run_script(self.db, MIGRATIONS[number])
+                await self.db.execute(f"PRAGMA user_version={number + 1}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        await self.stop_log_writer()
+        await self.db.close()
+
+    async def check(self) -> tuple[bool, str]:
+        """For ``mailwarden check`` and /healthz: a write test in the store."""
+        try:
+            await self.db.execute("SELECT count(*) FROM meta")
+            probe = self.root / ".probe"
+            await asyncio.to_thread(files.write_durable, self.root, ".probe", b"ok")
+            await asyncio.to_thread(probe.unlink)
+        except (OSError, aiosqlite.Error) as exc:
+            return False, f"store {self.root}: {exc}"
+        return True, f"store {self.root} writable (schema v{len(MIGRATIONS)})"
+
+    # ------------------------------------------------------------ quarantine
+
+    async def quarantine(
+        self,
+        *,
+        raw: bytes,
+        queue_id: str,
+        received: datetime,
+        direction: str,
+        client_addr: str,
+        helo: str,
+        mail_from: str,
+        rcpt_tos: Sequence[str],
+        headers: Mapping[str, str | None],
+        reason: str,
+        detail: str,
+        personal: bool,
+        verdicts: Sequence[Mapping[str, Any]],
+    ) -> str:
+        """Keep a message durably; returns its quarantine id.
+
+        The file is fsynced and renamed and the row committed before this
+        returns; any failure raises :class:`StoreError` (the caller answers
+        451) and leaves no half-kept item behind.
+        """
+        now = self.clock()
+        qid = new_quarantine_id(now)
+        relative = f"{MESSAGES_DIR}/{now:%Y/%m/%d}/{qid}.eml"
+        sha = hashlib.sha256(raw).hexdigest()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, files.write_durable, self.root, relative, raw)
+        except OSError as exc:
+            raise StoreError(f"cannot write quarantine file: {exc}") from None
+        addrs = addresses_of(
+            [mail_from, *rcpt_tos, headers.get("from"), headers.get("to"), headers.get("cc")]
+        )
+        try:
+            async with self._lock:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self.db.execute(
+                        "INSERT INTO quarantine (id, received, queue_id, direction, client_addr,"
+                        " helo, mail_from, rcpt_tos, hdr_from, hdr_to, subject, message_id,"
+                        " hdr_date, size, reason, detail, personal, hold, state, path, sha256,"
+                        " verdicts, updated) VALUES"
+                        " (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,'held',?,?,?,?)",
+                        (
+                            qid,
+                            iso(received),
+                            queue_id,
+                            direction,
+                            client_addr,
+                            helo,
+                            mail_from,
+                            json.dumps(list(rcpt_tos)),
+                            headers.get("from"),
+                            headers.get("to"),
+                            headers.get("subject"),
+                            headers.get("message-id"),
+                            headers.get("date"),
+                            len(raw),
+                            reason,
+                            detail,
+                            int(personal),
+                            relative,
+                            sha,
+                            json.dumps(list(verdicts), default=str),
+                            iso(now),
+                        ),
+                    )
+                    await self.db.executemany(
+                        "INSERT INTO quarantine_address (id, address) VALUES (?, ?)",
+                        [(qid, a) for a in sorted(addrs)],
+                    )
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+        except (aiosqlite.Error, OSError) as exc:
+            try:
+                await loop.run_in_executor(None, files.secure_delete, self.root, relative)
+            except OSError:
+                log.error("could not remove orphaned quarantine file %s", relative)
+            raise StoreError(f"cannot record quarantine item: {exc}") from None
+        return qid
+
+    # --------------------------------------------------------------- the log
+
+    def start_log_writer(self) -> None:
+        if self._writer is None:
+            self._log_queue = asyncio.Queue()
+            self._writer = asyncio.create_task(self._log_writer(), name="log-writer")
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        """Queue a header-only log record; the writer task batches it to disk.
+
+        ``record`` must carry ``time`` (ISO), ``queue_id``, ``direction`` and
+        may carry ``addresses`` (removed from the record, used for the index).
+        """
+        if self._log_queue is None:
+            self.start_log_writer()
+        assert self._log_queue is not None
+        self._log_queue.put_nowait(record)
+
+    async def flush_log(self) -> None:
+        """Wait until every queued record is written."""
+        if self._log_queue is not None:
+            await self._log_queue.join()
+
+    async def stop_log_writer(self) -> None:
+        if self._writer is None or self._log_queue is None:
+            return
+        await self._log_queue.put(None)
+        try:
+            await self._writer
+        finally:
+            self._writer = None
+            self._log_queue = None
+
+    async def _log_writer(self) -> None:
+        queue = self._log_queue
+        assert queue is not None
+        stop = False
+        while not stop:
+            item = await queue.get()
+            batch: list[dict[str, Any]] = []
+            if item is None:
+                queue.task_done()
+                break
+            batch.append(item)
+            deadline = asyncio.get_running_loop().time() + self.flush_interval
+            while len(batch) < self.batch_size:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
+                        queue.get(), timeout
+                    )
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                if item is None:
+                    stop = True
+                    queue.task_done()
+                    break
+                batch.append(item)
+            try:
+                await self.write_log_batch(batch)
+            except Exception:
+                self.log_failures += len(batch)
+                log.exception("could not write %d log records", len(batch))
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def write_log_batch(self, batch: Sequence[dict[str, Any]]) -> None:
+        """Append records to the chained log in one transaction.
+
+        A fixed number of round trips to the database thread whatever the
+        batch size (the rows get their ``seq`` here, the next after the last,
+        inside the write lock: what SQLite would give them): each round trip
+        is a hand-over between threads that competes with the mail on the
+        event loop."""
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self.db.execute(
+                    "SELECT seq, hash FROM log ORDER BY seq DESC LIMIT 1"
+                ) as cur:
+                    row = await cur.fetchone()
+                if row:
+                    seq, prev = int(row[0]), row[1]
+                else:
+                    seq, prev = 0, await self._meta("log_anchor", GENESIS)
+                rows: list[tuple[int, str, str, str, str, str]] = []
+                index: list[tuple[int, str]] = []
+                for rec in batch:
+                    rec = dict(rec)
+                    addrs = sorted(set(rec.pop("addresses", ()) or ()))
+                    payload = canonical(rec)
+                    h = chain_hash(prev, payload)
+                    seq += 1
+                    rows.append((seq, rec["time"], rec.get("queue_id", ""),
+                                 rec.get("direction", ""), payload, h))
+                    index.extend((seq, a) for a in addrs)
+                    prev = h
+                await self.db.executemany(
+                    "INSERT INTO log (seq, time, queue_id, direction, record, hash)"
+                    " VALUES (?,?,?,?,?,?)",
+                    rows,
+                )
+                if index:
+                    await self.db.executemany(
+                        "INSERT INTO log_address (seq, address) VALUES (?, ?)", index
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    # ----------------------------------------------------------------- audit
+
+    async def audit(
+        self,
+        command: str,
+        *,
+        targets: Sequence[str] = (),
+        filters: Mapping[str, Any] | None = None,
+        reason: str = "",
+        exceptional: bool = False,
+        detail: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Write an audit row (chained) and commit it; returns its seq.
+
+        Call this *before* showing or changing anything.
+        """
+        user, uid = os_user()
+        now = iso(self.clock())
+        row = {
+            "time": now,
+            "user": user,
+            "uid": uid,
+            "command": command,
+            "targets": list(targets),
+            "filters": dict(filters or {}),
+            "reason": reason,
+            "exceptional": bool(exceptional),
+            "detail": dict(detail or {}),
+        }
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self.db.execute(
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+                ) as cur:
+                    last = await cur.fetchone()
+                if last:
+                    seq, prev = int(last[0]) + 1, last[1]
+                else:
+                    seq, prev = 1, GENESIS
+                    prev = await self._meta("audit_anchor", GENESIS)
+                h = chain_hash(prev, canonical(row))
+                await self.db.execute(
+                    "INSERT INTO audit (seq, time, user, uid, command, targets, filters, reason,"
+                    " exceptional, detail, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        seq,
+                        now,
+                        user,
+                        uid,
+                        command,
+                        json.dumps(row["targets"]),
+                        canonical(row["filters"]),
+                        reason,
+                        int(exceptional),
+                        canonical(row["detail"]),
+                        h,
+                    ),
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return seq
+
+    # ------------------------------------------------- quarantine: reading
+
+    async def quarantine_reasons(self, name: str) -> list[str]:
+        """The stored ``reason`` values (comma-separated filter names) naming ``name``.
+
+        A loose index scan over ``quarantine_reason``: one index seek per
+        distinct value, so it costs nothing on 100,000 items.
+        """
+        async with self.db.execute(
+            "WITH RECURSIVE r(reason) AS (SELECT min(reason) FROM quarantine UNION ALL"
+            " SELECT (SELECT min(reason) FROM quarantine WHERE reason > r.reason) FROM r"
+            " WHERE r.reason IS NOT NULL) SELECT reason FROM r WHERE reason IS NOT NULL"
+        ) as cur:
+            values = [r[0] for r in await cur.fetchall()]
+        return [v for v in values if name in v.split(",")]
+
+    async def list_quarantine(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        reason: str | None = None,
+        address: str | None = None,
+        state: str = "held",
+        limit: int = 50,
+        page: int = 1,
+        window: int = 5000,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of items, newest first; returns (items, more pages exist).
+
+        Two plans, so that no filter makes a page slow on a big quarantine:
+
+        1. walk the ``received`` index backwards over the newest ``window``
+           items in range and stop after the page is full (dense matches);
+        2. if the window holds fewer matches than the page needs, one
+           sequential scan with a top-N sort (ordering by ``received || ''``
+           keeps SQLite off the index, whose random row lookups cost thirty
+           times more than reading the table in order).
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        rng: list[str] = []
+        rng_args: list[Any] = []
+        if since:
+            rng.append("received >= ?")
+            rng_args.append(since)
+        if until:
+            rng.append("received <= ?")
+            rng_args.append(until)
+        if state != "all":
+            where.append("state = ?")
+            args.append(state)
+        if reason:
+            values = await self.quarantine_reasons(reason.strip().lower())
+            if not values:
+                return [], False
+            where.append(f"reason IN ({_marks(len(values))})")
+            args += values
+        if address:
+            where.append("id IN (SELECT id FROM quarantine_address WHERE address = ?)")
+            args.append(address)
+        need, offset = limit + 1, (page - 1) * limit
+        conditions = [*rng, *where]
+        base = _SELECT + (" WHERE " + " AND ".join(conditions) if conditions else "")
+
+        async with self.db.execute(
+            "SELECT received FROM quarantine" + (" WHERE " + " AND ".join(rng) if rng else "")
+            + " ORDER BY received DESC LIMIT 1 OFFSET ?",
+            [*rng_args, window + offset],
+        ) as cur:
+            edge = await cur.fetchone()
+        rows: list[Any] = []
+        if where and offset > window:
+            # A deep page of a filtered list: straight to the sequential scan.
+            async with self.db.execute(
+                base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?",
+                [*rng_args, *args, need, offset],
+            ) as cur:
+                rows = list(await cur.fetchall())
+        elif edge is None or where:
+            # The index walk, bounded to the window when the range is bigger.
+            sql = base + (" AND" if conditions else " WHERE") + " received >= ?" if edge else base
+            bound = [edge[0]] if edge else []
+            async with self.db.execute(
+                sql + " ORDER BY received DESC LIMIT ? OFFSET ?",
+                [*rng_args, *args, *bound, need, offset],
+            ) as cur:
+                rows = list(await cur.fetchall())
+            if edge is not None and len(rows) < need:
+                async with self.db.execute(
+                    base + " ORDER BY received || '' DESC LIMIT ? OFFSET ?",
+                    [*rng_args, *args, need, offset],
+                ) as cur:
+                    rows = list(await cur.fetchall())
+        else:
+            # No filter beyond the range: the index walk is exact and short.
+            async with self.db.execute(
+                base + " ORDER BY received DESC LIMIT ? OFFSET ?", [*rng_args, need, offset]
+            ) as cur:
+                rows = list(await cur.fetchall())
+        items = [item_row(r) for r in rows]
+        return items[:limit], len(items) > limit
+
+    async def get_item(self, qid: str) -> dict[str, Any] | None:
+        """The item ``qid`` (see :data:`COLUMNS`), or None."""
+        async with self.db.execute(_SELECT + " WHERE id = ?", (qid,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else item_row(row)
+
+    async def get_items(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The items ``ids`` that exist, oldest first."""
+        out: list[dict[str, Any]] = []
+        for chunk in _chunks(list(ids)):
+            async with self.db.execute(
+                _SELECT + f" WHERE id IN ({_marks(len(chunk))}) ORDER BY received", list(chunk)
+            ) as cur:
+                out += [item_row(r) for r in await cur.fetchall()]
+        out.sort(key=lambda i: i["received"])
+        return out
+
+    async def read_body(self, item: Mapping[str, Any]) -> bytes:
+        """The stored message bytes of ``item`` (FileNotFoundError, StorePathError)."""
+        return await asyncio.to_thread(files.read_message, self.root, item["path"])
+
+    async def item_is_live(self, qid: str, path: str) -> bool:
+        """Whether a live (not deleted) row owns the message file ``path``."""
+        async with self.db.execute(
+            "SELECT 1 FROM quarantine WHERE id = ? AND path = ? AND state != 'deleted'",
+            (qid, path),
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def quarantine_totals(self) -> tuple[int, int]:
+        """(items, bytes) held now (for the metrics)."""
+        async with self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM quarantine WHERE state = 'held'"
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    # ------------------------------------------------ quarantine: changing
+
+    async def mark_released(self, qid: str) -> None:
+        now = iso(self.clock())
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE quarantine SET state = 'released', updated = ?"
+                " WHERE id = ? AND state != 'deleted'",
+                (now, qid),
+            )
+
+    async def set_hold(self, qid: str, hold: bool) -> None:
+        now = iso(self.clock())
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE quarantine SET hold = ?, updated = ? WHERE id = ?", (int(hold), now, qid)
+            )
+
+    async def delete_item(self, qid: str) -> bool:
+        """Tombstone the row (blanking everything personal), then overwrite and
+        unlink the file; returns whether a file was removed.  Raises
+        :class:`NotFound`, or :class:`OnHold` (hold checked inside the
+        deleting transaction)."""
+        now = iso(self.clock())
+        async with self.transaction() as db:
+            async with db.execute("SELECT hold, path FROM quarantine WHERE id = ?", (qid,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise NotFound(qid)
+            if row[0]:
+                raise OnHold(qid)
+            path = row[1]
+            await db.execute(
+                "UPDATE quarantine SET state = 'deleted', client_addr = '', helo = '',"
+                " mail_from = '', rcpt_tos = '[]', hdr_from = NULL, hdr_to = NULL,"
+                " subject = NULL, message_id = NULL, hdr_date = NULL, detail = '',"
+                " verdicts = '[]', updated = ? WHERE id = ?",
+                (now, qid),
+            )
+            await db.execute("DELETE FROM quarantine_address WHERE id = ?", (qid,))
+        return await asyncio.to_thread(files.secure_delete, self.root, path)
+
+    async def _remove_items(self, rows: Sequence[Sequence[Any]], db: aiosqlite.Connection) -> None:
+        ids = [r[0] for r in rows]
+        if ids:
+            await db.execute(f"DELETE FROM quarantine_address WHERE id IN ({_marks(len(ids))})", ids)
+            await db.execute(f"DELETE FROM quarantine WHERE id IN ({_marks(len(ids))})", ids)
+
+    async def erase_items(self, ids: Sequence[str]) -> tuple[list[str], int]:
+        """Remove the rows ``ids`` not under hold (hold re-checked inside each
+        transaction), then their files; returns (removed ids, files removed)."""
+        removed: list[str] = []
+        paths: list[str] = []
+        for chunk in _chunks(list(ids)):
+            async with self.transaction() as db:
+                async with db.execute(
+                    f"SELECT id, path FROM quarantine WHERE hold = 0"
+                    f" AND id IN ({_marks(len(chunk))})",
+                    list(chunk),
+                ) as cur:
+                    rows = await cur.fetchall()
+                await self._remove_items(rows, db)
+            removed += [r[0] for r in rows]
+            paths += [r[1] for r in rows]
+        files_removed = 0
+        for p in paths:
+            if await asyncio.to_thread(files.secure_delete, self.root, p):
+                files_removed += 1
+        return removed, files_removed
+
+    # ----------------------------------------------------- subject access
+
+    async def subject_log_seqs(self, address: str) -> list[int]:
+        async with self.db.execute(
+            "SELECT seq FROM log_address WHERE address = ? ORDER BY seq", (address,)
+        ) as cur:
+            return sorted({int(r[0]) for r in await cur.fetchall()})
+
+    async def subject_items(self, address: str) -> list[tuple[str, bool, bool]]:
+        """(id, hold, personal) of the items concerning ``address``, oldest first."""
+        async with self.db.execute(
+            "SELECT q.id, q.hold, q.personal FROM quarantine q WHERE q.id IN"
+            " (SELECT id FROM quarantine_address WHERE address = ?) ORDER BY q.received",
+            (address,),
+        ) as cur:
+            return [(r[0], bool(r[1]), bool(r[2])) for r in await cur.fetchall()]
+
+    async def log_records(self, seqs: Sequence[int]) -> AsyncIterator[tuple[int, str, str]]:
+        """(seq, time, record) of the log rows ``seqs``, in seq order, in chunks."""
+        for chunk in _chunks(list(seqs)):
+            async with self.db.execute(
+                f"SELECT seq, time, record FROM log WHERE seq IN ({_marks(len(chunk))})"
+                " ORDER BY seq",
+                list(chunk),
+            ) as cur:
+                rows = await cur.fetchall()
+            for r in rows:
+                yield int(r[0]), r[1], r[2]
+
+    async def erase_log(self, seqs: Sequence[int], tombstone: str) -> int:
+        """Replace the records ``seqs`` with ``tombstone`` (hash kept), drop their index rows."""
+        erased = 0
+        for chunk in _chunks(list(seqs)):
+            async with self.transaction() as db:
+                cur = await db.execute(
+                    f"UPDATE log SET record = ?, queue_id = '', direction = ''"
+                    f" WHERE seq IN ({_marks(len(chunk))})",
+                    [tombstone, *chunk],
+                )
+                erased += max(cur.rowcount, 0)
+                await cur.close()
+                await db.execute(
+                    f"DELETE FROM log_address WHERE seq IN ({_marks(len(chunk))})", list(chunk)
+                )
+        return erased
+
+    # ------------------------------------------------------- log: reading
+
+    async def log_page(self, query: LogFilter, after: int, limit: int) -> list[Row]:
+        """Up to ``limit`` rows matching ``query`` with ``seq > after``, in seq order."""
+        where, params = _log_where(query, after)
+        async with self.db.execute(
+            "SELECT l.seq, l.time, l.queue_id, l.direction, l.record, l.hash"
+            f" FROM {_log_from(query)} WHERE {where} ORDER BY l.seq LIMIT ?",
+            [*params, limit],
+        ) as cur:
+            return [Row(*r) for r in await cur.fetchall()]
+
+    async def log_count(self, query: LogFilter) -> int:
+        where, params = _log_where(query, 0)
+        async with self.db.execute(
+            f"SELECT count(*) FROM {_log_from(query)} WHERE {where}", params
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def log_last_seq(self) -> int:
+        async with self.db.execute("SELECT max(seq) FROM log") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def log_index(self, lo: int, hi: int) -> dict[int, list[str]]:
+        """The address index of the log rows ``lo..hi``."""
+        out: dict[int, list[str]] = {}
+        async with self.db.execute(
+            "SELECT seq, address FROM log_address WHERE seq >= ? AND seq <= ?", (lo, hi)
+        ) as cur:
+            for seq, address in await cur.fetchall():
+                out.setdefault(seq, []).append(address)
+        return out
+
+    async def log_anchor(self) -> str:
+        return await self._meta("log_anchor", GENESIS)
+
+    async def audit_anchor(self) -> str:
+        return await self._meta("audit_anchor", GENESIS)
+
+    # ----------------------------------------------------- audit: reading
+
+    async def audit_page(self, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """Raw audit rows (seq, time, user, uid, command, targets, filters,
+        reason, exceptional, detail, hash) with ``seq > after``, in seq order."""
+        async with self.db.execute(
+            "SELECT seq, time, user, uid, command, targets, filters, reason, exceptional,"
+            " detail, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def audit_rows(
+        self, *, since: str | None = None, until: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Raw audit rows (as :meth:`audit_page`), oldest first, ``until`` inclusive."""
+        where, args = [], []
+        if since:
+            where.append("time >= ?")
+            args.append(since)
+        if until:
+            where.append("time <= ?")
+            args.append(until)
+        sql = ("SELECT seq, time, user, uid, command, targets, filters, reason, exceptional,"
+               " detail, hash FROM audit")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        async with self.db.execute(sql, args) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def audit_entry(self, seq: int) -> tuple[str, str] | None:
+        """(command, detail JSON) of audit row ``seq``, or None."""
+        async with self.db.execute(
+            "SELECT command, detail FROM audit WHERE seq = ?", (seq,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row[0], row[1])
+
+    async def audit_first_seq(self) -> int | None:
+        async with self.db.execute("SELECT min(seq) FROM audit") as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    # ---------------------------------------------------------- retention
+
+    async def _count(self, sql: str, args: tuple[Any, ...]) -> int:
+        async with self.db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return int(row[0] or 0) if row else 0
+
+    async def _prefix_end(self, table: str, cutoff: str) -> int:
+        # ``time || ''`` keeps SQLite off the time index: it walks the primary
+        # key from the oldest row and stops at the first one to keep.
+        async with self.db.execute(
+            f"SELECT seq FROM {table} WHERE time || '' >= ? ORDER BY seq LIMIT 1", (cutoff,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return int(row[0]) - 1
+        return await self._count(f"SELECT max(seq) FROM {table}", ())
+
+    async def retention_plan(self, cutoff: str, audit_cutoff: str) -> dict[str, int]:
+        """Counts of what a purge with these cutoffs removes, and the chain
+        prefix ends (``log_end``, ``audit_end``: the last seq of each chain's
+        prefix older than its cutoff, 0 for none)."""
+        log_end = await self._prefix_end("log", cutoff)
+        audit_end = await self._prefix_end("audit", audit_cutoff)
+        return {
+            "quarantine_items": await self._count(
+                "SELECT count(*) FROM quarantine WHERE received < ? AND hold = 0", (cutoff,)
+            ),
+            "kept_under_hold": await self._count(
+                "SELECT count(*) FROM quarantine WHERE received < ? AND hold = 1", (cutoff,)
+            ),
+            "log_records": await self._count("SELECT count(*) FROM log WHERE seq <= ?", (log_end,)),
+            "audit_rows": await self._count(
+                "SELECT count(*) FROM audit WHERE seq <= ?", (audit_end,)
+            ),
+            "log_end": log_end,
+            "audit_end": audit_end,
+        }
+
+    async def purge_quarantine_before(
+        self, cutoff: str, batch: int = 500
+    ) -> AsyncIterator[list[tuple[str, str]]]:
+        """Remove the rows of items received before ``cutoff`` and not under
+        hold, ``batch`` per transaction; yields each batch's (id, path) after
+        its commit so the caller destroys the files (rows first, files after)."""
+        while True:
+            async with self.transaction() as db:
+                async with db.execute(
+                    "SELECT id, path FROM quarantine WHERE received < ? AND hold = 0"
+                    " ORDER BY received LIMIT ?",
+                    (cutoff, batch),
+                ) as cur:
+                    rows = [(r[0], r[1]) for r in await cur.fetchall()]
+                await self._remove_items(rows, db)
+            if not rows:
+                return
+            yield rows
+
+    async def delete_body(self, path: str) -> bool:
+        """Overwrite and unlink a message file; whether one was there."""
+        return await asyncio.to_thread(files.secure_delete, self.root, path)
+
+    async def purge_log_through(self, end: int, batch: int = 5000) -> int:
+        return await self._purge_chain("log", "log_anchor", end, batch)
+
+    async def purge_audit_through(self, end: int, batch: int = 5000) -> int:
+        return await self._purge_chain("audit", "audit_anchor", end, batch)
+
+    async def _purge_chain(self, table: str, anchor: str, end: int, batch: int) -> int:
+        """Delete rows ``seq <= end`` of a chained table, oldest first, moving
+        the anchor to the last deleted hash in the same transaction."""
+        index = {"log": "log_address"}.get(table)
+        total = 0
+        while True:
+            async with self.transaction() as db:
+                async with db.execute(
+                    f"SELECT seq, hash FROM {table} WHERE seq <= ? ORDER BY seq LIMIT ?",
+                    (end, batch),
+                ) as cur:
+                    rows = await cur.fetchall()
+                if rows:
+                    last, last_hash = rows[-1]
+                    if index:
+                        await db.execute(f"DELETE FROM {index} WHERE seq <= ?", (last,))
+                    await db.execute(f"DELETE FROM {table} WHERE seq <= ?", (last,))
+                    await self.set_meta(anchor, last_hash)
+            if not rows:
+                return total
+            total += len(rows)
+
+
+    # ------------------------------------------------------------------ meta
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the store's lock (ROLLBACK on error).
+
+        For code outside this class that changes several rows at once
+        (retention, review commands): the connection is shared with the log
+        writer and the quarantine writes, so every transaction takes the lock.
+        """
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def checkpoint(self) -> str:
+        """``PRAGMA wal_checkpoint(TRUNCATE)``: copy the WAL into the database
+        and truncate it, so deleted data does not linger in the WAL file.
+        Returns ``"truncated"``, or ``"busy"`` when a reader elsewhere kept the
+        WAL from being reset (the next checkpoint finishes the job)."""
+        async with self._lock:
+            async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+        return "busy" if row is None or row[0] else "truncated"
+
+    async def get_meta(self, key: str, default: str) -> str:
+        """A value from the ``meta`` table (e.g. the chain anchors)."""
+        return await self._meta(key, default)
+
+    async def _meta(self, key: str, default: str) -> str:
+        async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else default
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+async def _run_script(db: aiosqlite.Connection, script: str) -> None:
+    """Run a migration's statements inside the already-open transaction."""
+    for statement in script.split(";"):
+        if statement.strip():
+            await db.execute(statement)
