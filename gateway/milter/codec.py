@@ -497,10 +497,38 @@ class ReplaceBody:
         return cls(data)
 
 
-Command = Union[OptNeg, Macro, Connect, Helo, Mail, Rcpt, Data, Header, EndOfHeaders, Body,
-                EndOfBody, Abort, Quit, QuitNC, Unknown]
-Response = Union[OptNeg, Continue, Accept, Discard, Reject, Tempfail, ReplyCode, AddHeader,
-                 InsertHeader, ChangeHeader, ReplaceBody, Quarantine, Progress]
+Command = (
+    OptNeg
+    | Macro
+    | Connect
+    | Helo
+    | Mail
+    | Rcpt
+    | Data
+    | Header
+    | EndOfHeaders
+    | Body
+    | EndOfBody
+    | Abort
+    | Quit
+    | QuitNC
+    | Unknown
+)
+Response = (
+    OptNeg
+    | Continue
+    | Accept
+    | Discard
+    | Reject
+    | Tempfail
+    | ReplyCode
+    | AddHeader
+    | InsertHeader
+    | ChangeHeader
+    | ReplaceBody
+    | Quarantine
+    | Progress
+)
 
 COMMANDS: dict[bytes, type] = {c.code: c for c in (
     OptNeg, Macro, Connect, Helo, Mail, Rcpt, Data, Header, EndOfHeaders, Body, EndOfBody,
