@@ -74,15 +74,15 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 from filters.base import AddBanner
-from gateway.message import param_header_too_complex, part_filename
+from gateway.message import part_filename
+from gateway.mime import param_header_too_complex
 
 log = logging.getLogger("mailwarden.banner")
 
 CRLF = b"\r\n"
 
-#: Bounds on the walk (bad input gets a clear answer, never a blow-up).
-MAX_DEPTH = 60
-MAX_PARTS = 5000
+#: Bounds on the walk: the one set of parser bounds (gateway.mime).
+from gateway.mime import MAX_BOUNDARY, MAX_DEPTH, MAX_PARTS  # noqa: E402
 
 #: Content that is cryptographically signed or encrypted: never altered.
 PROTECTED_TYPES = frozenset(
@@ -212,7 +212,7 @@ def _boundary(headers: Message) -> str | None:
     if len(declared) > 1 and len({str(v) for v in declared}) > 1:
         raise _Unexpected("several different boundary parameters")
     boundary = headers.get_boundary()
-    if not boundary or len(boundary) > 1000 or "\r" in boundary or "\n" in boundary:
+    if not boundary or len(boundary) > MAX_BOUNDARY or "\r" in boundary or "\n" in boundary:
         return None
     return boundary
 

@@ -24,9 +24,10 @@ messages):
 * the body of a ``message/*`` part (but ``message/delivery-status``) is a
   message of its own, whatever its transfer encoding; in a
   ``multipart/digest`` a part without a Content-Type is ``message/rfc822``;
-* the bounds (:data:`~gateway.message.MAX_PARTS`, ``MAX_DEPTH``,
-  ``MAX_HEADER_LINES``, parameter header size) and the ambiguity checks are
-  those of the feed parser path, applied while walking.
+* the bounds (the ``MAX_*`` constants below, the one set of parser bounds
+  for every path: this walk, the feed parser fallback in
+  ``gateway.message``, :func:`param_header_too_complex` for every parameter
+  header, and the banner) and the ambiguity checks are applied while walking.
 
 Only CRLF-terminated messages are walked here (what the gateway's DATA reader
 guarantees); the caller falls back to the feed parser for anything with a
@@ -49,6 +50,34 @@ from functools import lru_cache
 import pybase64
 
 CRLF = b"\r\n"
+
+# ------------------------------------------------------------------ bounds
+# The one set of parser bounds (docs/hostile-input.md has the table).  Every
+# path imports them from here: this walk, the feed parser fallback and
+# part_filename (gateway.message), and the banner (gateway.banner).  Bad input
+# gets a clear answer, never a blow-up: each is enforced *while* parsing.
+
+#: MIME entities in one message, all levels together.
+MAX_PARTS = 5000
+#: Levels of multipart / message/* nesting.
+MAX_DEPTH = 100
+#: Header lines (physical lines, folded continuations included): the server
+#: refuses a message whose top-level header block has more (552, nothing
+#: parsed); the parser stops at more in all parts together.
+MAX_HEADER_LINES = 20000
+#: A Content-Type or Content-Disposition value longer than this (characters)
+#: or with more than MAX_PARAMS ``;`` is not parsed: the email package's
+#: parameter splitter is quadratic in the number of quoted ``;``.
+MAX_PARAM_HEADER = 16384
+MAX_PARAMS = 100
+#: A multipart boundary longer than this is no boundary (RFC 2046: 70).
+MAX_BOUNDARY = 1000
+
+
+def param_header_too_complex(value: str) -> bool:
+    """True for a parameter header beyond MAX_PARAM_HEADER / MAX_PARAMS."""
+    return len(value) > MAX_PARAM_HEADER or value.count(";") > MAX_PARAMS
+
 
 #: The feed parser's test for a header line (email.feedparser.headerRE).
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
@@ -206,9 +235,9 @@ def parse_structure(
     raw: bytes,
     *,
     message_class: type[Message] = Message,
-    max_parts: int = 5000,
-    max_depth: int = 100,
-    max_header_lines: int = 20000,
+    max_parts: int = MAX_PARTS,
+    max_depth: int = MAX_DEPTH,
+    max_header_lines: int = MAX_HEADER_LINES,
     check: Callable[[Message], None] = lambda headers: None,
 ) -> Node:
     """The MIME tree of a CRLF-terminated message.  ``check`` is called with
