@@ -63,7 +63,7 @@ class ParseError(Exception):
 param_header_too_complex = _too_complex = mime.param_header_too_complex
 
 
-class _BoundedMessage(Message):
+class BoundedMessage(Message):
     """compat32 Message that refuses pathological parameter headers (see
     :data:`MAX_PARAM_HEADER`) before the quadratic parameter splitter runs."""
 
@@ -84,7 +84,7 @@ class _BoundedParser(email.feedparser.BytesFeedParser):
     part; ``_msgstack`` holds the parts enclosing it)."""
 
     def __init__(self) -> None:
-        super().__init__(_BoundedMessage, policy=email.policy.compat32)
+        super().__init__(BoundedMessage, policy=email.policy.compat32)
         self.parts = 0
         self.header_lines = 0
 
@@ -443,7 +443,7 @@ class Mail:
         try:
             return mime.parse_structure(
                 raw,
-                message_class=_BoundedMessage,
+                message_class=BoundedMessage,
                 max_parts=MAX_PARTS,
                 max_depth=MAX_DEPTH,
                 max_header_lines=MAX_HEADER_LINES,
@@ -570,3 +570,7 @@ class Mail:
 
         visit(self.parsed, 0, True)
         return tuple(out)
+
+
+#: Old name.
+_BoundedMessage = BoundedMessage

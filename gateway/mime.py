@@ -101,6 +101,14 @@ class Node:
     body_start: int
     end: int
     children: list[Node] | None
+    #: ``raw[start:header_end]`` is the header block (with its final CRLF;
+    #: empty for an entity without headers): what the banner rewrites when
+    #: it changes Content-Transfer-Encoding.
+    start: int = 0
+    header_end: int = 0
+    #: False when the header block is not ended by an empty line (the body
+    #: starts with a line that is not a header, or there is no body at all).
+    separated: bool = True
 
     def walk(self) -> Iterator[Node]:
         """This node and every node under it, depth first (email's walk order)."""
@@ -170,7 +178,8 @@ class _Walker:
         if default_type:
             headers.set_default_type(default_type)
         self.check(headers)
-        node = Node(headers, body_start, end, None)
+        node = Node(headers, body_start, end, None, start, header_end,
+                    body_start > header_end)
         maintype, _, subtype = headers.get_content_type().partition("/")
         if maintype == "message":
             if subtype == "delivery-status":
