@@ -130,7 +130,7 @@ _ASCII_PUNCTUATION = {
 }
 
 
-class _Unexpected(Exception):
+class _Unexpected(ValueError):
     """The walk met something it will not guess about: leave the message alone."""
 
 
@@ -148,13 +148,17 @@ class _Walk:
     """Banner targets in the MIME tree of :mod:`gateway.mime` (the same tree
     ``Mail`` gives the filters: one model, one set of bounds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.targets: list[mime.Node] = []
+        #: Raise instead of leaving a body part we cannot read alone.
+        self.strict = strict
 
     def visit(self, ent: mime.Node, depth: int) -> bool:
         """Collect banner targets under ``ent``; True when ``ent`` is (or holds)
         the message body, which ends the search in a multipart/mixed."""
         if _untouchable(ent):
+            if self.strict:
+                raise _Unexpected("a part's header block is not ended by an empty line")
             return True  # unknown content: treat as a body we must not touch
         ctype = ent.headers.get_content_type()
         if ctype in PROTECTED_TYPES:
@@ -315,19 +319,31 @@ def _replace_cte(header_block: bytes, new_cte: bytes) -> bytes:
     return b"".join(out)
 
 
-def banner_part(raw: bytes, ent: mime.Node, banner: AddBanner) -> list[tuple[int, int, bytes]] | None:
-    """Replacements ``(start, end, bytes)`` that banner one text part.
+def placeable_parts(raw: bytes, tree: mime.Node) -> list[mime.Node]:
+    """The text body parts the banner edits in ``tree`` (``Mail.structure``),
+    or raise ValueError when a body part the banner needs cannot be handled
+    (a broken header block, an unknown or ambiguous transfer encoding, bad
+    base64, an unknown charset or bytes not valid in it): the caller holds
+    such a message rather than relay it without its warning.  Signed or
+    encrypted content (and inline PGP) is not an error: it is never bannered
+    by design, the warning goes in the subject and header."""
+    walk = _Walk(strict=True)
+    walk.visit(tree, 0)
+    for ent in walk.targets:
+        if _decode_text(raw, ent) is None:
+            raise _Unexpected(f"body part at byte {ent.start} cannot be decoded")
+    return walk.targets
 
-    ``[]`` when the part already starts with this banner; None when the part
-    cannot (or must not) be bannered, in which case it keeps its bytes.
-    """
+
+def _decode_text(raw: bytes, ent: mime.Node) -> tuple[str, bytes, bytes, str, str] | None:
+    """(text, payload, trailing bytes, codec, transfer encoding) of a text
+    part, or None when it cannot be decoded."""
     headers = ent.headers
     ctes = headers.get_all("Content-Transfer-Encoding") or []
     if len({str(v).strip().lower() for v in ctes}) > 1:
         return None
     cte = str(ctes[0]).strip().lower() if ctes else ""
-    body = raw[ent.body_start : ent.end]
-    decoded = _transfer_decode(body, cte)
+    decoded = _transfer_decode(raw[ent.body_start : ent.end], cte)
     if decoded is None:
         return None
     payload, tail = decoded
@@ -337,6 +353,19 @@ def banner_part(raw: bytes, ent: mime.Node, banner: AddBanner) -> list[tuple[int
         text = payload.decode(codec)
     except (LookupError, UnicodeError, ValueError):
         return None
+    return text, payload, tail, codec, cte
+
+
+def banner_part(raw: bytes, ent: mime.Node, banner: AddBanner) -> list[tuple[int, int, bytes]] | None:
+    """Replacements ``(start, end, bytes)`` that banner one text part.
+
+    ``[]`` when the part already starts with this banner; None when the part
+    cannot (or must not) be bannered, in which case it keeps its bytes.
+    """
+    decoded = _decode_text(raw, ent)
+    if decoded is None:
+        return None
+    text, payload, tail, codec, cte = decoded
     if any(marker in text for marker in _INLINE_PGP):
         return None
     nl = _newline(text)

@@ -464,6 +464,34 @@ class Mail:
             return tuple(self.parsed.walk())
         return tuple(node.headers for node in tree.walk())
 
+    @property
+    def known_structure(self) -> mime.Node | None:
+        """:attr:`structure` if it has been walked already (never walks):
+        what the pipeline hands ``rewrite.edit_pieces`` so that the banner
+        does not walk the message a second time."""
+        value = self.__dict__.get("_once_structure")
+        return value if isinstance(value, mime.Node) else None
+
+    @_once
+    def banner_parts(self) -> tuple[mime.Node, ...]:
+        """The text body parts the banner edits (nodes of :attr:`structure`).
+
+        The accessor to check before relaying a message that is due a
+        banner: raises :class:`ParseError` when the structure does not parse
+        within the bounds, is ambiguous, or has a body part the banner cannot
+        handle (a broken header block, an undecodable part), and for a
+        message with bare line ends (the banner edits CRLF messages only):
+        such a message is held, never relayed without its warning."""
+        from gateway import banner  # banner imports this module
+
+        tree = self.structure
+        if tree is None:
+            raise ParseError("bare CR or LF: the banner cannot be placed")
+        try:
+            return tuple(banner.placeable_parts(self.raw, tree))
+        except ValueError as exc:
+            raise ParseError(f"banner cannot be placed: {exc}") from None
+
     @_once
     def attachments(self) -> tuple[Attachment, ...]:
         """Every attachment and every inline part that is not a text body.
