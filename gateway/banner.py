@@ -338,6 +338,14 @@ def placeable_parts(raw: bytes, tree: mime.Node) -> list[mime.Node]:
 def _decode_text(raw: bytes, ent: mime.Node) -> tuple[str, bytes, bytes, str, str] | None:
     """(text, payload, trailing bytes, codec, transfer encoding) of a text
     part, or None when it cannot be decoded."""
+    if ent.decoded is not None:
+        return ent.decoded or None  # type: ignore[return-value]
+    result = _decode_text_now(raw, ent)
+    ent.decoded = result or ()
+    return result
+
+
+def _decode_text_now(raw: bytes, ent: mime.Node) -> tuple[str, bytes, bytes, str, str] | None:
     headers = ent.headers
     ctes = headers.get_all("Content-Transfer-Encoding") or []
     if len({str(v).strip().lower() for v in ctes}) > 1:

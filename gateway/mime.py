@@ -109,6 +109,9 @@ class Node:
     #: False when the header block is not ended by an empty line (the body
     #: starts with a line that is not a header, or there is no body at all).
     separated: bool = True
+    #: What the banner decoded of this part (text parts only), kept so that
+    #: the check before relaying and the edit decode it once.
+    decoded: object = None
 
     def walk(self) -> Iterator[Node]:
         """This node and every node under it, depth first (email's walk order)."""
