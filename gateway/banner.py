@@ -50,10 +50,14 @@ as possible) decides *how*:
   what is at the top is then our exact warning, or ours is added above.
   Plain text carries no invisible marker (none survives every charset); its
   exact block -- the wrapped text and a dashed rule -- is the marker.
-* Malformed MIME (no closing boundary, missing boundary, duplicate boundary
-  parameters, several Content-Type fields, a broken header block) never
-  raises: an ambiguous subtree is left untouched, and anything unexpected
-  returns the message unchanged.
+* The MIME structure is gateway.mime's (the tree ``Mail.structure`` gives
+  the filters: one walker, one set of bounds, the same ambiguity checks).
+  :func:`add_banner` never raises: a message the model does not parse, or
+  with bare line ends, comes back unchanged, and a body part that cannot be
+  read is left alone.  The gateway does not rely on that: before relaying a
+  message that is due a banner it reads ``Mail.banner_parts``
+  (:func:`placeable_parts`), which raises ParseError in exactly those cases,
+  and the message is held instead of relayed without its warning.
 """
 
 from __future__ import annotations
