@@ -50,10 +50,14 @@ as possible) decides *how*:
   what is at the top is then our exact warning, or ours is added above.
   Plain text carries no invisible marker (none survives every charset); its
   exact block -- the wrapped text and a dashed rule -- is the marker.
-* Malformed MIME (no closing boundary, missing boundary, duplicate boundary
-  parameters, several Content-Type fields, a broken header block) never
-  raises: an ambiguous subtree is left untouched, and anything unexpected
-  returns the message unchanged.
+* The MIME structure is gateway.mime's (the tree ``Mail.structure`` gives
+  the filters: one walker, one set of bounds, the same ambiguity checks).
+  :func:`add_banner` never raises: a message the model does not parse, or
+  with bare line ends, comes back unchanged, and a body part that cannot be
+  read is left alone.  The gateway does not rely on that: before relaying a
+  message that is due a banner it reads ``Mail.banner_parts``
+  (:func:`placeable_parts`), which raises ParseError in exactly those cases,
+  and the message is held instead of relayed without its warning.
 """
 
 from __future__ import annotations
@@ -61,28 +65,24 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import email.errors
-import email.parser
-import email.policy
 import html
 import logging
 import re
 import textwrap
 import unicodedata
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from email.message import Message
 
 from filters.base import AddBanner
-from gateway.message import param_header_too_complex, part_filename
+from gateway import mime
+from gateway.message import BoundedMessage, check_unambiguous, part_filename
 
 log = logging.getLogger("mailwarden.banner")
 
 CRLF = b"\r\n"
 
-#: Bounds on the walk (bad input gets a clear answer, never a blow-up).
-MAX_DEPTH = 60
-MAX_PARTS = 5000
+#: Bounds: the one set of parser bounds, enforced by gateway.mime's walk.
+MAX_DEPTH = mime.MAX_DEPTH
+MAX_PARTS = mime.MAX_PARTS
 
 #: Content that is cryptographically signed or encrypted: never altered.
 PROTECTED_TYPES = frozenset(
@@ -134,153 +134,37 @@ _ASCII_PUNCTUATION = {
 }
 
 
-class _Unexpected(Exception):
-    """The walk met something it will not guess about: leave that subtree alone."""
+class _Unexpected(ValueError):
+    """The walk met something it will not guess about: leave the message alone."""
 
 
-class _Abort(Exception):
-    """Past the walk's bounds: leave the whole message alone."""
+def _untouchable(node: mime.Node) -> bool:
+    """A part whose header block is not ended by an empty line: a body that
+    starts with a non-header line is not ours to guess about."""
+    return not node.separated and node.body_start < node.end
 
 
-#: Stands for a child part whose header block does not parse.
-_BROKEN = object()
+def _no_body(node: mime.Node) -> bool:
+    return not node.separated and node.body_start >= node.end
 
 
-@dataclass(frozen=True, slots=True)
-class Entity:
-    """One MIME entity as byte offsets into the raw message.
-
-    ``start <= header_end <= body_start <= end``; ``raw[start:header_end]`` is
-    the header block (with its final CRLF, empty for a part without headers),
-    ``raw[body_start:end]`` the body.
-    """
-
-    start: int
-    header_end: int
-    body_start: int
-    end: int
-    headers: Message = field(compare=False, repr=False)
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get_content_type()
-
-
-# ------------------------------------------------------------------ byte-level walk
-
-
-def _parse_headers(block: bytes) -> Message:
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    msg = parser.parsebytes(block)
-    if any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
-        raise _Unexpected("header block has a line that is not a header")
-    if msg.get_payload():
-        raise _Unexpected("header block did not parse as headers only")
-    # The email package's parameter splitter is quadratic: never let it near
-    # an absurd Content-Type or Content-Disposition (see gateway/message.py).
-    for name in ("Content-Type", "Content-Disposition"):
-        for value in msg.get_all(name) or []:
-            if param_header_too_complex(str(value)):
-                raise _Unexpected(f"{name} parameters beyond the parser limits")
-    return msg
-
-
-def entity_at(raw: bytes, start: int, end: int) -> Entity | None:
-    """The entity occupying ``raw[start:end]``, or None when it has no body."""
-    if raw.startswith(CRLF, start, end):
-        header_end, body_start = start, start + 2
-        headers = Message()
-    else:
-        idx = raw.find(b"\r\n\r\n", start, end)
-        if idx < 0:
-            return None
-        header_end, body_start = idx + 2, idx + 4
-        headers = _parse_headers(raw[start:header_end])
-    return Entity(start, header_end, body_start, end, headers)
-
-
-def _boundary(headers: Message) -> str | None:
-    """The multipart boundary, or raise when it is ambiguous."""
-    ctypes = headers.get_all("Content-Type") or []
-    if len({" ".join(str(v).split()).lower() for v in ctypes}) > 1:
-        raise _Unexpected("several different Content-Type fields")
-    declared = {
-        v
-        for k, v in headers.get_params(failobj=[]) or []
-        if k.strip().lower().split("*")[0] == "boundary"
-    }
-    if len(declared) > 1 and len({str(v) for v in declared}) > 1:
-        raise _Unexpected("several different boundary parameters")
-    boundary = headers.get_boundary()
-    if not boundary or len(boundary) > 1000 or "\r" in boundary or "\n" in boundary:
-        return None
-    return boundary
-
-
-def split_multipart(raw: bytes, body_start: int, end: int, boundary: str) -> list[tuple[int, int]]:
-    """Byte ranges of the body parts of a multipart body (RFC 2046 5.1.1).
-
-    A delimiter is ``--boundary`` at the start of a line, optionally followed
-    by ``--`` (the close delimiter) and transport padding, then CRLF; the CRLF
-    before it belongs to the delimiter.  Everything after the close delimiter
-    is epilogue.  Without a close delimiter the last part runs to ``end``.
-    """
-    pattern = re.compile(rb"--" + re.escape(boundary.encode("utf-8", "surrogateescape"))
-                         + rb"(--)?[ \t]*(?:\r\n|\Z)")
-    delims: list[re.Match[bytes]] = []
-    for m in pattern.finditer(raw, body_start, end):
-        s = m.start()
-        if s != body_start and raw[s - 2 : s] != CRLF:
-            continue
-        delims.append(m)
-        if m.group(1):
-            break
-    parts: list[tuple[int, int]] = []
-    for i, m in enumerate(delims):
-        if m.group(1):
-            break
-        start = m.end()
-        if i + 1 < len(delims):
-            stop = max(start, delims[i + 1].start() - 2)
-        else:
-            stop = end
-        parts.append((start, stop))
-    return parts
-
-
-@dataclass
 class _Walk:
-    raw: bytes
-    targets: list[Entity] = field(default_factory=list)
-    count: int = 0
+    """Banner targets in the MIME tree of :mod:`gateway.mime` (the same tree
+    ``Mail`` gives the filters: one model, one set of bounds)."""
 
-    def children(self, ent: Entity) -> Iterator[Entity | object]:
-        boundary = _boundary(ent.headers)
-        if boundary is None:
-            return
-        for start, stop in split_multipart(self.raw, ent.body_start, ent.end, boundary):
-            self.count += 1
-            if self.count > MAX_PARTS:
-                raise _Abort("too many MIME parts")
-            try:
-                child = entity_at(self.raw, start, stop)
-            except _Unexpected:
-                yield _BROKEN
-                continue
-            if child is not None:
-                yield child
+    def __init__(self, strict: bool = False) -> None:
+        self.targets: list[mime.Node] = []
+        #: Raise instead of leaving a body part we cannot read alone.
+        self.strict = strict
 
-    def visit_child(self, child: Entity | object, depth: int) -> bool:
-        if not isinstance(child, Entity):
-            return True  # unknown content: treat as a body we must not touch
-        return self.visit(child, depth)
-
-    def visit(self, ent: Entity, depth: int) -> bool:
+    def visit(self, ent: mime.Node, depth: int) -> bool:
         """Collect banner targets under ``ent``; True when ``ent`` is (or holds)
         the message body, which ends the search in a multipart/mixed."""
-        if depth > MAX_DEPTH:
-            raise _Abort("MIME nesting too deep")
-        ctype = ent.content_type
+        if _untouchable(ent):
+            if self.strict:
+                raise _Unexpected("a part's header block is not ended by an empty line")
+            return True  # unknown content: treat as a body we must not touch
+        ctype = ent.headers.get_content_type()
         if ctype in PROTECTED_TYPES:
             if ctype.startswith("multipart/") or depth == 0:
                 return True  # the body, but signed/encrypted: no banner at all
@@ -289,29 +173,23 @@ class _Walk:
             return False
         maintype, _, subtype = ctype.partition("/")
         if maintype == "multipart":
-            if _is_attachment(ent.headers):
+            if _is_attachment(ent.headers) or subtype == "digest":
                 return False
-            if subtype == "digest":
-                return False
-            try:
-                kids = self.children(ent)
-                if subtype == "alternative":
-                    found = False
-                    for child in kids:
-                        found = self.visit_child(child, depth + 1) or found
-                    return found
-                if subtype == "related":
-                    first = next(kids, None)
-                    return first is not None and self.visit_child(first, depth + 1)
+            kids = [c for c in ent.children or () if not _no_body(c)]
+            if subtype == "alternative":
+                found = False
                 for child in kids:
-                    if self.visit_child(child, depth + 1):
-                        return True
-                return False
-            except _Unexpected as exc:
-                log.debug("banner: leaving a multipart alone: %s", exc)
-                return True
+                    found = self.visit(child, depth + 1) or found
+                return found
+            if subtype == "related":
+                return bool(kids) and self.visit(kids[0], depth + 1)
+            for child in kids:
+                if self.visit(child, depth + 1):
+                    return True
+            return False
         if ctype in ("text/plain", "text/html") and not _is_attachment(ent.headers):
-            self.targets.append(ent)
+            if not _no_body(ent):
+                self.targets.append(ent)
             return True
         return False
 
@@ -445,19 +323,39 @@ def _replace_cte(header_block: bytes, new_cte: bytes) -> bytes:
     return b"".join(out)
 
 
-def banner_part(raw: bytes, ent: Entity, banner: AddBanner) -> list[tuple[int, int, bytes]] | None:
-    """Replacements ``(start, end, bytes)`` that banner one text part.
+def placeable_parts(raw: bytes, tree: mime.Node) -> list[mime.Node]:
+    """The text body parts the banner edits in ``tree`` (``Mail.structure``),
+    or raise ValueError when a body part the banner needs cannot be handled
+    (a broken header block, an unknown or ambiguous transfer encoding, bad
+    base64, an unknown charset or bytes not valid in it): the caller holds
+    such a message rather than relay it without its warning.  Signed or
+    encrypted content (and inline PGP) is not an error: it is never bannered
+    by design, the warning goes in the subject and header."""
+    walk = _Walk(strict=True)
+    walk.visit(tree, 0)
+    for ent in walk.targets:
+        if _decode_text(raw, ent) is None:
+            raise _Unexpected(f"body part at byte {ent.start} cannot be decoded")
+    return walk.targets
 
-    ``[]`` when the part already starts with this banner; None when the part
-    cannot (or must not) be bannered, in which case it keeps its bytes.
-    """
+
+def _decode_text(raw: bytes, ent: mime.Node) -> tuple[str, bytes, bytes, str, str] | None:
+    """(text, payload, trailing bytes, codec, transfer encoding) of a text
+    part, or None when it cannot be decoded."""
+    if ent.decoded is not None:
+        return ent.decoded or None  # type: ignore[return-value]
+    result = _decode_text_now(raw, ent)
+    ent.decoded = result or ()
+    return result
+
+
+def _decode_text_now(raw: bytes, ent: mime.Node) -> tuple[str, bytes, bytes, str, str] | None:
     headers = ent.headers
     ctes = headers.get_all("Content-Transfer-Encoding") or []
     if len({str(v).strip().lower() for v in ctes}) > 1:
         return None
     cte = str(ctes[0]).strip().lower() if ctes else ""
-    body = raw[ent.body_start : ent.end]
-    decoded = _transfer_decode(body, cte)
+    decoded = _transfer_decode(raw[ent.body_start : ent.end], cte)
     if decoded is None:
         return None
     payload, tail = decoded
@@ -467,10 +365,23 @@ def banner_part(raw: bytes, ent: Entity, banner: AddBanner) -> list[tuple[int, i
         text = payload.decode(codec)
     except (LookupError, UnicodeError, ValueError):
         return None
+    return text, payload, tail, codec, cte
+
+
+def banner_part(raw: bytes, ent: mime.Node, banner: AddBanner) -> list[tuple[int, int, bytes]] | None:
+    """Replacements ``(start, end, bytes)`` that banner one text part.
+
+    ``[]`` when the part already starts with this banner; None when the part
+    cannot (or must not) be bannered, in which case it keeps its bytes.
+    """
+    decoded = _decode_text(raw, ent)
+    if decoded is None:
+        return None
+    text, payload, tail, codec, cte = decoded
     if any(marker in text for marker in _INLINE_PGP):
         return None
     nl = _newline(text)
-    if ent.content_type == "text/html":
+    if ent.headers.get_content_type() == "text/html":
         pos = _html_insert_at(text)
         block = html_block(banner.text, banner.marker, nl)
         block_bytes = block.encode(codec, "xmlcharrefreplace")
@@ -509,16 +420,24 @@ def banner_part(raw: bytes, ent: Entity, banner: AddBanner) -> list[tuple[int, i
 # ------------------------------------------------------------------ entry point
 
 
-def banner_targets(raw: bytes) -> list[Entity]:
-    """The body parts of ``raw`` that get a banner (see the module docstring).
+def structure(raw: bytes) -> mime.Node:
+    """The MIME tree of a CRLF message as ``Mail.structure`` finds it (same
+    walker, bounds and ambiguity checks); raises on anything else."""
+    if not mime.crlf_only(raw):
+        raise _Unexpected("bare CR or LF")
+    return mime.parse_structure(raw, message_class=BoundedMessage, check=check_unambiguous)
+
+
+def banner_targets(raw: bytes, tree: mime.Node | None = None) -> list[mime.Node]:
+    """The body parts of ``raw`` that get a banner (see the module docstring),
+    found in ``tree`` (``Mail.structure``; walked here when not given).
 
     Raises on malformed input; :func:`add_banner` turns that into "unchanged".
     """
-    top = entity_at(raw, 0, len(raw))
-    if top is None:
+    if not raw:
         return []
-    walk = _Walk(raw)
-    walk.visit(top, 0)
+    walk = _Walk()
+    walk.visit(structure(raw) if tree is None else tree, 0)
     return walk.targets
 
 
@@ -533,12 +452,13 @@ def add_banner(raw: bytes, banner: AddBanner) -> bytes:
     return b"".join(pieces)
 
 
-def banner_pieces(raw: bytes, banner: AddBanner) -> list[bytes | memoryview]:
+def banner_pieces(raw: bytes, banner: AddBanner, tree: mime.Node | None = None
+                  ) -> list[bytes | memoryview]:
     """:func:`add_banner` as pieces that join to its result: the replaced
     parts (``bytes``) and the untouched stretches of ``raw`` between them
     (``memoryview``: not copied until the caller's one join).  ``[raw]``
     when nothing changes."""
-    edits = banner_edits(raw, banner)
+    edits = banner_edits(raw, banner, tree)
     if not edits:
         return [raw]
     return splice(raw, 0, edits)
@@ -557,11 +477,14 @@ def splice(raw: bytes, cursor: int, edits: list[tuple[int, int, bytes]]
     return out
 
 
-def banner_edits(raw: bytes, banner: AddBanner) -> list[tuple[int, int, bytes]]:
+def banner_edits(raw: bytes, banner: AddBanner, tree: mime.Node | None = None
+                 ) -> list[tuple[int, int, bytes]]:
     """The replacements ``(start, end, bytes)`` that banner ``raw``, sorted and
-    non-overlapping; ``[]`` when nothing changes.  Never raises."""
+    non-overlapping; ``[]`` when nothing changes.  Never raises.  ``tree``:
+    the message's structure when the caller has it (``Mail.structure``), so
+    that the message is walked once."""
     try:
-        targets = banner_targets(raw)
+        targets = banner_targets(raw, tree)
         edits: list[tuple[int, int, bytes]] = []
         for ent in targets:
             try:

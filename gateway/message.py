@@ -29,23 +29,16 @@ from gateway import mime
 
 log = logging.getLogger("mailwarden.message")
 
-#: Parsing bounds (bad input gets a clear answer, never a blow-up).  Both are
-#: enforced *while* the email package parses (a message with a million tiny
-#: parts or 1,000 levels of nesting would otherwise cost minutes of CPU and
-#: hundreds of MB before any count could be checked).
-MAX_PARTS = 5000
-MAX_DEPTH = 100
-#: Header lines (physical lines, folded continuations included): the server
-#: refuses a message whose top-level header block has more (552, nothing
-#: parsed); the parser stops at more in all parts together.  10,000 headers
-#: cost about 0.3 s through the whole chain; each further 100,000 about 4 s.
-MAX_HEADER_LINES = 20000
-#: A Content-Type or Content-Disposition value longer than this (characters)
-#: or with more than MAX_PARAMS ``;`` is not parsed: the email package's
-#: parameter splitter is quadratic in the number of quoted ``;`` (a 1 MB
-#: header would take hours).  Legitimate headers are far below both.
-MAX_PARAM_HEADER = 16384
-MAX_PARAMS = 100
+#: Parsing bounds: one set, defined in gateway.mime (the table is in
+#: docs/hostile-input.md), re-exported here under their old names.
+from gateway.mime import (  # noqa: E402
+    MAX_DEPTH,
+    MAX_HEADER_LINES,
+    MAX_PARAM_HEADER,
+    MAX_PARAMS,
+    MAX_PARTS,
+)
+
 #: Headers and parameters that must not be given twice with different values
 #: in one part: a filter and a mail client could pick different ones and see
 #: different parts or names (the CVE-2024-28054 class).
@@ -66,15 +59,11 @@ class ParseError(Exception):
     """The message's MIME structure could not be parsed within our bounds."""
 
 
-def _too_complex(value: str) -> bool:
-    return len(value) > MAX_PARAM_HEADER or value.count(";") > MAX_PARAMS
+#: One test for every parameter header, whoever parsed it (gateway.mime).
+param_header_too_complex = _too_complex = mime.param_header_too_complex
 
 
-#: Public name for other byte-level walkers (gateway/banner.py).
-param_header_too_complex = _too_complex
-
-
-class _BoundedMessage(Message):
+class BoundedMessage(Message):
     """compat32 Message that refuses pathological parameter headers (see
     :data:`MAX_PARAM_HEADER`) before the quadratic parameter splitter runs."""
 
@@ -95,7 +84,7 @@ class _BoundedParser(email.feedparser.BytesFeedParser):
     part; ``_msgstack`` holds the parts enclosing it)."""
 
     def __init__(self) -> None:
-        super().__init__(_BoundedMessage, policy=email.policy.compat32)
+        super().__init__(BoundedMessage, policy=email.policy.compat32)
         self.parts = 0
         self.header_lines = 0
 
@@ -454,7 +443,7 @@ class Mail:
         try:
             return mime.parse_structure(
                 raw,
-                message_class=_BoundedMessage,
+                message_class=BoundedMessage,
                 max_parts=MAX_PARTS,
                 max_depth=MAX_DEPTH,
                 max_header_lines=MAX_HEADER_LINES,
@@ -474,6 +463,34 @@ class Mail:
         if tree is None:
             return tuple(self.parsed.walk())
         return tuple(node.headers for node in tree.walk())
+
+    @property
+    def known_structure(self) -> mime.Node | None:
+        """:attr:`structure` if it has been walked already (never walks):
+        what the pipeline hands ``rewrite.edit_pieces`` so that the banner
+        does not walk the message a second time."""
+        value = self.__dict__.get("_once_structure")
+        return value if isinstance(value, mime.Node) else None
+
+    @_once
+    def banner_parts(self) -> tuple[mime.Node, ...]:
+        """The text body parts the banner edits (nodes of :attr:`structure`).
+
+        The accessor to check before relaying a message that is due a
+        banner: raises :class:`ParseError` when the structure does not parse
+        within the bounds, is ambiguous, or has a body part the banner cannot
+        handle (a broken header block, an undecodable part), and for a
+        message with bare line ends (the banner edits CRLF messages only):
+        such a message is held, never relayed without its warning."""
+        from gateway import banner  # banner imports this module
+
+        tree = self.structure
+        if tree is None:
+            raise ParseError("bare CR or LF: the banner cannot be placed")
+        try:
+            return tuple(banner.placeable_parts(self.raw, tree))
+        except ValueError as exc:
+            raise ParseError(f"banner cannot be placed: {exc}") from None
 
     @_once
     def attachments(self) -> tuple[Attachment, ...]:
@@ -581,3 +598,7 @@ class Mail:
 
         visit(self.parsed, 0, True)
         return tuple(out)
+
+
+#: Old name.
+_BoundedMessage = BoundedMessage

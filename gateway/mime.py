@@ -24,9 +24,10 @@ messages):
 * the body of a ``message/*`` part (but ``message/delivery-status``) is a
   message of its own, whatever its transfer encoding; in a
   ``multipart/digest`` a part without a Content-Type is ``message/rfc822``;
-* the bounds (:data:`~gateway.message.MAX_PARTS`, ``MAX_DEPTH``,
-  ``MAX_HEADER_LINES``, parameter header size) and the ambiguity checks are
-  those of the feed parser path, applied while walking.
+* the bounds (the ``MAX_*`` constants below, the one set of parser bounds
+  for every path: this walk, the feed parser fallback in
+  ``gateway.message``, :func:`param_header_too_complex` for every parameter
+  header, and the banner) and the ambiguity checks are applied while walking.
 
 Only CRLF-terminated messages are walked here (what the gateway's DATA reader
 guarantees); the caller falls back to the feed parser for anything with a
@@ -50,6 +51,34 @@ import pybase64
 
 CRLF = b"\r\n"
 
+# ------------------------------------------------------------------ bounds
+# The one set of parser bounds (docs/hostile-input.md has the table).  Every
+# path imports them from here: this walk, the feed parser fallback and
+# part_filename (gateway.message), and the banner (gateway.banner).  Bad input
+# gets a clear answer, never a blow-up: each is enforced *while* parsing.
+
+#: MIME entities in one message, all levels together.
+MAX_PARTS = 5000
+#: Levels of multipart / message/* nesting.
+MAX_DEPTH = 100
+#: Header lines (physical lines, folded continuations included): the server
+#: refuses a message whose top-level header block has more (552, nothing
+#: parsed); the parser stops at more in all parts together.
+MAX_HEADER_LINES = 20000
+#: A Content-Type or Content-Disposition value longer than this (characters)
+#: or with more than MAX_PARAMS ``;`` is not parsed: the email package's
+#: parameter splitter is quadratic in the number of quoted ``;``.
+MAX_PARAM_HEADER = 16384
+MAX_PARAMS = 100
+#: A multipart boundary longer than this is no boundary (RFC 2046: 70).
+MAX_BOUNDARY = 1000
+
+
+def param_header_too_complex(value: str) -> bool:
+    """True for a parameter header beyond MAX_PARAM_HEADER / MAX_PARAMS."""
+    return len(value) > MAX_PARAM_HEADER or value.count(";") > MAX_PARAMS
+
+
 #: The feed parser's test for a header line (email.feedparser.headerRE).
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 
@@ -72,6 +101,17 @@ class Node:
     body_start: int
     end: int
     children: list[Node] | None
+    #: ``raw[start:header_end]`` is the header block (with its final CRLF;
+    #: empty for an entity without headers): what the banner rewrites when
+    #: it changes Content-Transfer-Encoding.
+    start: int = 0
+    header_end: int = 0
+    #: False when the header block is not ended by an empty line (the body
+    #: starts with a line that is not a header, or there is no body at all).
+    separated: bool = True
+    #: What the banner decoded of this part (text parts only), kept so that
+    #: the check before relaying and the edit decode it once.
+    decoded: object = None
 
     def walk(self) -> Iterator[Node]:
         """This node and every node under it, depth first (email's walk order)."""
@@ -141,7 +181,8 @@ class _Walker:
         if default_type:
             headers.set_default_type(default_type)
         self.check(headers)
-        node = Node(headers, body_start, end, None)
+        node = Node(headers, body_start, end, None, start, header_end,
+                    body_start > header_end)
         maintype, _, subtype = headers.get_content_type().partition("/")
         if maintype == "message":
             if subtype == "delivery-status":
@@ -206,9 +247,9 @@ def parse_structure(
     raw: bytes,
     *,
     message_class: type[Message] = Message,
-    max_parts: int = 5000,
-    max_depth: int = 100,
-    max_header_lines: int = 20000,
+    max_parts: int = MAX_PARTS,
+    max_depth: int = MAX_DEPTH,
+    max_header_lines: int = MAX_HEADER_LINES,
     check: Callable[[Message], None] = lambda headers: None,
 ) -> Node:
     """The MIME tree of a CRLF-terminated message.  ``check`` is called with

@@ -307,9 +307,9 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         try:
             if mail.prepared:  # the structure is known: nothing to wait for
-                mail.part_headers  # noqa: B018 - raises ParseError when unparseable
+                mail.banner_parts  # noqa: B018 - raises ParseError when not placeable
             else:
-                await loop.run_in_executor(self.executor, lambda: mail.part_headers)
+                await loop.run_in_executor(self.executor, lambda: mail.banner_parts)
         except ParseError as exc:
             return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
         return None
@@ -320,9 +320,10 @@ class Pipeline:
         content = mail.raw
         if len(content) > ON_LOOP_BYTES and any(not isinstance(e, AddHeader) for e in edits):
             loop = asyncio.get_running_loop()
-            pieces = await loop.run_in_executor(self.executor, edit_pieces, content, edits)
+            pieces = await loop.run_in_executor(self.executor, edit_pieces, content, edits,
+                                                mail.known_structure)
         else:
-            pieces = edit_pieces(content, edits)
+            pieces = edit_pieces(content, edits, mail.known_structure)
         # Never emit a bare CR or LF, whatever an edit produced (only new
         # bytes need a full look when the message itself is known clean).
         out = pieces[0] if len(pieces) == 1 and pieces[0] is content else b"".join(pieces)

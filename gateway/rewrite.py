@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from filters.base import AddBanner, AddHeader, Edit, RemoveHeader, TagSubject
 from gateway.message import header_block
+from gateway.mime import Node
 
 CRLF = b"\r\n"
 
@@ -202,10 +203,14 @@ def apply_edits(raw: bytes, edits: Iterable[Edit]) -> bytes:
 Piece = bytes | memoryview
 
 
-def edit_pieces(raw: bytes, edits: Iterable[Edit]) -> list[Piece]:
+def edit_pieces(raw: bytes, edits: Iterable[Edit], structure: Node | None = None
+                ) -> list[Piece]:
     """:func:`apply_edits` as the pieces that join to its result: new bytes
     (``bytes``) and untouched stretches of ``raw`` (``memoryview``), so that a
-    large message is copied once, by the final join, whatever the edits."""
+    large message is copied once, by the final join, whatever the edits.
+
+    ``structure``: ``raw``'s MIME tree (``Mail.structure``) when the caller
+    has it, so that a banner does not walk the message a second time."""
     edits = list(edits)
     head = header_block(raw)
     new_head = head
@@ -228,7 +233,7 @@ def edit_pieces(raw: bytes, edits: Iterable[Edit]) -> list[Piece]:
             # goes where it would go in the edited message: splice both into
             # ``raw`` at once, unless the banner changes the top-level header
             # block itself (a single-part text body becoming quoted-printable).
-            b_edits = banner_edits(raw, banners[0])
+            b_edits = banner_edits(raw, banners[0], structure)
             if all(start >= len(head) for start, _end, _data in b_edits):
                 return [*added, new_head, *splice(raw, len(head), b_edits)]
         msg = raw if new_head is head else new_head + view[len(head) :]

@@ -15,7 +15,7 @@ outbound, over SMTP to the real gateway (real clamd, loopback DNS):
 * the gateway's peak RSS (``VmHWM``, reset before each case) stays bounded and
   the process is still alive afterwards.
 
-The limits themselves (``gateway/message.py``: MAX_PARTS, MAX_DEPTH,
+The limits themselves (``gateway/mime.py``: MAX_PARTS, MAX_DEPTH,
 MAX_HEADER_LINES, MAX_PARAM_HEADER, MAX_PARAMS) are documented in
 ``docs/hostile-input.md``.
 """

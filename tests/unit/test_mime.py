@@ -32,8 +32,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from filters.base import AddBanner
 from gateway import mime
+from gateway.banner import banner_edits
 from gateway.message import MAX_DEPTH, MAX_PARTS, Direction, Mail, ParseError
+from gateway.rewrite import edit_pieces
 
 CRLF = b"\r\n"
 PROPS = settings(max_examples=300, deadline=None,
@@ -362,3 +365,61 @@ def test_many_parts_are_parsed_off_the_loop() -> None:
     many_lines = _msg("Content-Type: text/plain\r\n\r\n" + "x\r\n" * 5000)
     assert len(many_parts) < 256 * 1024 and not _few_parts(many_parts)
     assert not _few_parts(many_lines)
+
+
+# ------------------------------------------------------------ the banner uses the model
+
+_BANNER = AddBanner("CAUTION: external mail")
+
+
+@PROPS
+@given(message())
+def test_banner_edits_exactly_the_text_body_parts_the_model_reports(raw: bytes) -> None:
+    m = mail(raw)
+    try:
+        parts = m.banner_parts
+    except ParseError:
+        return  # held by the pipeline when a banner is due: never relayed without it
+    edits = banner_edits(raw, _BANNER, m.structure)
+    assert banner_edits(raw, _BANNER) == edits  # the same walk, given or not
+    bodies = {(p.body_start, p.end) for p in parts}
+    edited = set()
+    for start, end, _data in edits:
+        owner = [p for p in parts if p.start <= start and end <= p.end]
+        assert owner, (start, end, raw[:2000])
+        if start >= owner[0].body_start:
+            edited.add((owner[0].body_start, owner[0].end))
+    assert edited == bodies, raw[:2000]
+    assert (b"".join(edit_pieces(raw, [_BANNER], m.structure))
+            == b"".join(edit_pieces(raw, [_BANNER])))
+
+
+_B64_BAD = (b"From: a@example.net\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"!!!not base64!!!\r\n--b\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize("raw", [
+    _B64_BAD,
+    _B64_BAD.replace(b"base64", b"x-bogus"),
+    _B64_BAD.replace(b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!",
+                     b"Content-Transfer-Encoding: 7bit\r\nno header line here\r\n\r\nbody"),
+    _B64_BAD.replace(b"Content-Type: text/plain\r\n", b"Content-Type: text/plain; charset=nope\r\n")
+            .replace(b"base64", b"7bit"),
+    _B64_BAD.replace(b"\r\n", b"\n"),
+    _B64_BAD.replace(b"boundary=b", b"boundary=b; boundary=c"),
+], ids=["bad-base64", "unknown-cte", "broken-header-block", "unknown-charset", "bare-lf",
+        "ambiguous"])
+def test_a_message_the_banner_cannot_handle_raises_from_the_accessor(raw: bytes) -> None:
+    with pytest.raises(ParseError):
+        mail(raw).banner_parts  # noqa: B018
+
+
+def test_signed_content_is_not_an_error_and_gets_no_banner() -> None:
+    raw = (b"From: a@example.net\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/signed; boundary=s; protocol=\"application/pgp-signature\"\r\n\r\n"
+           b"--s\r\nContent-Type: text/plain\r\n\r\nsigned\r\n--s\r\n"
+           b"Content-Type: application/pgp-signature\r\n\r\nSIG\r\n--s--\r\n")
+    assert mail(raw).banner_parts == ()
+    assert banner_edits(raw, _BANNER) == []

@@ -14,7 +14,7 @@ arbitrary edit lists, it shows:
 * applying the same edits twice changes nothing more.
 
 Which parts are eligible is computed here from the tree model, independently
-of the byte-level walker in gateway/banner.py.
+of the byte-level walker the banner uses (gateway/mime.py).
 """
 
 from __future__ import annotations
