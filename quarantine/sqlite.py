@@ -445,14 +445,7 @@ class SQLiteStore:
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                async with self.db.execute(
-                    "SELECT seq, hash FROM log ORDER BY seq DESC LIMIT 1"
-                ) as cur:
-                    row = await cur.fetchone()
-                if row:
-                    seq, prev = int(row[0]), row[1]
-                else:
-                    seq, prev = 0, await self._meta("log_anchor", GENESIS)
+                seq, prev = await self._chain_head("log", "log_anchor")
                 rows: list[tuple[int, str, str, str, str, str]] = []
                 index: list[tuple[int, str]] = []
                 for rec in batch:
@@ -511,15 +504,8 @@ class SQLiteStore:
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                async with self.db.execute(
-                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
-                ) as cur:
-                    last = await cur.fetchone()
-                if last:
-                    seq, prev = int(last[0]) + 1, last[1]
-                else:
-                    seq, prev = 1, GENESIS
-                    prev = await self._meta("audit_anchor", GENESIS)
+                last, prev = await self._chain_head("audit", "audit_anchor")
+                seq = last + 1
                 h = chain_hash(prev, canonical(row))
                 await self.db.execute(
                     "INSERT INTO audit (seq, time, user, uid, command, targets, filters, reason,"
@@ -1008,6 +994,19 @@ class SQLiteStore:
     async def get_meta(self, key: str, default: str) -> str:
         """A value from the ``meta`` table (e.g. the chain anchors)."""
         return await self._meta(key, default)
+
+    async def _chain_head(self, table: str, anchor: str) -> tuple[int, str]:
+        """The chain's last (seq, hash), or (0, its anchor) when it is empty.
+
+        Read inside the caller's write transaction, so the position a new
+        row takes is the store's, whatever other writers did before."""
+        async with self.db.execute(
+            f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1"  # table: a fixed name
+        ) as cur:
+            row = await cur.fetchone()
+        if row:
+            return int(row[0]), str(row[1])
+        return 0, await self._meta(anchor, GENESIS)
 
     async def _meta(self, key: str, default: str) -> str:
         async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
