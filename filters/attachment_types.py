@@ -80,7 +80,7 @@ import magic
 
 from filters import filetypes, macros
 from filters.archives import Budget, Limits, Unscannable, open_archive
-from filters.base import FilterContext, SettingsError, Verdict
+from filters.base import BaseFilter, FilterContext, Reason, SettingsError, Verdict
 from filters.filetypes import (
     ARCHIVE_KINDS,
     CATEGORIES,
@@ -95,11 +95,6 @@ from filters.filetypes import (
     ZIP_FLAVOURS,
 )
 from gateway.message import Attachment, Mail, ParseError, decode_header_value
-
-#: CONTRACT.md's reply for a blocked attachment with action = reject (the same
-#: text as ``gateway.replies.ATTACHMENT_REJECTED``; filters do not import
-#: the gateway's SMTP side, a unit test keeps the two equal).
-REJECT_REPLY = "554 5.7.1 message refused: attachment type not allowed ({})"
 
 DIRECTIONS = ("inbound", "outbound", "internal")
 #: Longest path or detail kept in verdicts (archive member names can be huge).
@@ -553,7 +548,7 @@ def _collect(mail: Mail) -> tuple[tuple[Attachment, ...], dict[str, str]]:
     return attachments, raw
 
 
-class AttachmentTypesFilter:
+class AttachmentTypesFilter(BaseFilter):
     """Holds or refuses mail carrying software, disk images, deceptive names,
     unscannable archives and (inbound) Office macros; see the module docstring."""
 
@@ -623,7 +618,7 @@ class AttachmentTypesFilter:
             hit = Hit("(message)", "unscannable", f"MIME structure not parseable ({exc})")
             return self._held([hit], [], [])
         if not attachments:
-            return Verdict.relay(self.name, attachments=[])
+            return Verdict.relay(self.name, attachments=(), true_types=True)
         jobs = [(att, raw_names.get(att.filename) if att.filename else None)
                 for att in attachments]
         reports: list[Report]
@@ -646,7 +641,7 @@ class AttachmentTypesFilter:
         extra: dict[str, Any] = {}
         if macro_hits:
             extra["macros"] = [_printable(h.describe()) for h in macro_hits]
-        return Verdict.relay(self.name, attachments=facts, **extra)
+        return Verdict.relay(self.name, attachments=facts, true_types=True, log_facts=extra)
 
     def _held(
         self,
@@ -662,16 +657,18 @@ class AttachmentTypesFilter:
             p = _printable(h.path)
             if p not in files:
                 files.append(p)
-        extra: dict[str, Any] = {"attachments": facts, "files": files}
+        extra: dict[str, Any] = {"files": files}
         if all_macro_hits:
             extra["macros"] = [_printable(h.describe()) for h in all_macro_hits]
         rejecting = [h for h in hits if self.settings.action == "reject"] + [
             h for h in macro_hits if self.settings.macro_action == "reject"
         ]
         if rejecting:
-            reply = REJECT_REPLY.format(ascii_text(rejecting[0].path))
-            return Verdict.reject(self.name, detail, reply, **extra)
-        return Verdict.quarantine(self.name, detail, **extra)
+            return Verdict.reject(self.name, detail, Reason.ATTACHMENT,
+                                  ascii_text(rejecting[0].path), attachments=facts,
+                                  true_types=True, log_facts=extra)
+        return Verdict.quarantine(self.name, detail, attachments=facts, true_types=True,
+                                  log_facts=extra)
 
     async def aclose(self) -> None:
         """Stop the worker threads (work in flight finishes in the background)."""

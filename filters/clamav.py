@@ -73,7 +73,15 @@ from typing import Any, ClassVar, Literal
 
 import pyclamd
 
-from filters.base import AddHeader, FilterContext, SettingsError, Verdict
+from filters.base import (
+    AddHeader,
+    BaseFilter,
+    FilterContext,
+    Reason,
+    ScanState,
+    SettingsError,
+    Verdict,
+)
 from gateway.message import Mail
 
 #: Upper bound of any scan deadline (seconds): well inside Postfix's 100 s.
@@ -84,9 +92,6 @@ HEALTH_TIMEOUT = 5.0
 CHUNK_SIZE = 64 * 1024
 #: Longest answer read from clamd; anything longer is garbage.
 MAX_REPLY = 16 * 1024
-#: The CONTRACT reply for a virus with ``action = "reject"`` (mirrors
-#: ``gateway.replies.VIRUS_REJECTED``; filters may not import gateway.replies).
-VIRUS_REPLY = "554 5.7.1 message refused: virus found ({})"
 #: clamd "findings" that mean "could not look inside", never "clean" or "virus".
 UNSCANNED_PREFIXES = ("Heuristics.Limits.Exceeded", "Heuristics.Encrypted")
 
@@ -284,12 +289,14 @@ class _NetworkClient(_ClosesOnFailure, pyclamd.ClamdNetworkSocket):
     """pyclamd's TCP client."""
 
 
-class ClamAVFilter:
+class ClamAVFilter(BaseFilter):
     """Scan every message with clamd (INSTREAM through a pyclamd connection)."""
 
     name: ClassVar[str] = "clamav"
     #: Scans the raw bytes: starts without waiting for the MIME parse.
     reads_mime: ClassVar[bool] = False
+    scanner: ClassVar[bool] = True
+    health_check: ClassVar[str | None] = "clamd"
     Settings: ClassVar[type] = Settings
 
     def __init__(self, settings: Settings, ctx: FilterContext) -> None:
@@ -333,28 +340,32 @@ class ClamAVFilter:
         return self.verdict(result, scan_seconds=elapsed)
 
     def verdict(self, result: ScanResult, **facts: Any) -> Verdict:
-        """Map a :class:`ScanResult` to this filter's verdict (per settings)."""
+        """Map a :class:`ScanResult` to this filter's verdict (per settings);
+        ``facts`` go to the log (``log_facts``)."""
         s = self.settings
         if result.status == "clean":
             return Verdict.relay(
                 self.name, edits=(AddHeader("X-Mailwarden-Scan", "clean"),),
-                scan="clean", virus=None, **facts,
+                scan=ScanState.CLEAN, log_facts=facts,
             )
         if result.status == "infected":
             virus = result.virus or "unknown"
             if s.action == "reject":
                 return Verdict.reject(
-                    self.name, virus, VIRUS_REPLY.format(_printable(virus)),
-                    scan="infected", virus=virus, notify=s.notify, **facts,
+                    self.name, virus, Reason.VIRUS,
+                    scan=ScanState.INFECTED, virus=virus, notify=s.notify, log_facts=facts,
                 )
             return Verdict.quarantine(
-                self.name, virus, scan="infected", virus=virus, notify=s.notify, **facts
+                self.name, virus, scan=ScanState.INFECTED, virus=virus, notify=s.notify,
+                log_facts=facts,
             )
         if s.on_error == "quarantine":
             return Verdict.quarantine(
-                self.name, f"unscannable: {result.reason}", scan="unscanned", virus=None, **facts
+                self.name, f"unscannable: {result.reason}", scan=ScanState.UNSCANNED,
+                log_facts=facts,
             )
-        return Verdict.tempfail(self.name, result.reason, scan="unscanned", virus=None, **facts)
+        return Verdict.tempfail(self.name, result.reason, Reason.SCANNER_UNAVAILABLE,
+                                scan=ScanState.UNSCANNED, log_facts=facts)
 
     async def health(self) -> tuple[bool, str]:
         """PING clamd and read its VERSION: ``(ok, one line for humans)``."""
@@ -365,7 +376,7 @@ class ClamAVFilter:
         except TimeoutError:
             return False, f"clamd at {self.settings.address}: no answer within {HEALTH_TIMEOUT:g} s"
 
-    def clamd_conf_check(self) -> str | None:
+    def conf_check(self) -> str | None:
         """:func:`check_stream_max_length` for this filter's ``clamd_conf`` and
         the gateway's ``max_message_size``; None when fine or ``clamd_conf = ""``."""
         if not self.settings.clamd_conf:

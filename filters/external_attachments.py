@@ -41,9 +41,12 @@ An inbound message with attachments
 ARC (optional: ``arc_key``, ``arc_selector``, ``arc_domain``, all or none)
     The banner invalidates the sender's DKIM body hash downstream.  With ARC
     configured, mailwarden seals the edited message (dkimpy ``arc_sign`` in
-    the thread pool) so a downstream service that trusts mailwarden as an ARC
-    sealer keeps the original verdict.  The seal covers this filter's edits;
-    other filters may only add headers after it (which ARC does not sign).
+    the thread pool, or a worker process for a large message) so a
+    downstream service that trusts mailwarden as an ARC sealer keeps the
+    original verdict.  The filter asks for the seal with an
+    :class:`~filters.base.ArcSeal` edit; the pipeline applies it last, to
+    the message as relayed (every filter's edits in), and puts the ARC set
+    on top of the header block.
 
 Settings (``[filters.external_attachments]``)
     ``subject_tag``               default ``"[EXTERNAL]"``
@@ -72,6 +75,8 @@ from filters import dkim_check
 from filters.base import (
     AddBanner,
     AddHeader,
+    ArcSeal,
+    BaseFilter,
     Edit,
     FilterContext,
     RemoveHeader,
@@ -205,7 +210,7 @@ def has_attachments(mail: Mail) -> bool:
     return any((not a.inline) or a.filename for a in attachments)
 
 
-class ExternalAttachmentsFilter:
+class ExternalAttachmentsFilter(BaseFilter):
     """Authentication-Results for inbound mail; header, subject tag and banner
     for inbound mail with attachments; wording by DKIM identification."""
 
@@ -296,11 +301,6 @@ class ExternalAttachmentsFilter:
                 TagSubject(self.settings.subject_tag),
                 AddBanner(self.banner_for(sender)),
             ]
-        sealed = False
-        if self.arc_key is not None and arc_status not in ("temperror",):
-            arc_set = await self._seal(mail.raw, edits + added)
-            sealed = bool(arc_set)
-            edits += [AddHeader(name, value) for name, value in arc_set]
         edits += added
         facts: dict[str, Any] = {
             "dkim": dkim_check.summarize(results),
@@ -310,8 +310,27 @@ class ExternalAttachmentsFilter:
             "external_attachments": attachments,
         }
         if self.arc_key is not None:
-            facts["arc_sealed"] = sealed
-        return Verdict.relay(self.name, edits=tuple(edits), **facts)
+            if arc_status != "temperror":
+                # The last of all edits: the pipeline seals the message as it
+                # will be relayed (every filter's edits in) and sets
+                # ``arc_sealed`` in the log by the result.
+                edits.append(ArcSeal(self.sealer(), self.processes(len(mail.raw))))
+            else:
+                facts["arc_sealed"] = False
+        return Verdict.relay(self.name, edits=tuple(edits), log_facts=facts)
+
+    def sealer(self) -> partial[list[tuple[str, str]]]:
+        """``content -> ARC set`` with this gateway's key and the clock's time
+        (picklable, for a worker process)."""
+        assert self.arc_key is not None
+        return partial(
+            dkim_check.arc_seal,
+            selector=self.settings.arc_selector,
+            domain=self.settings.arc_domain,
+            key=self.arc_key,
+            srv_id=self.ctx.hostname,
+            timestamp=int(self.ctx.clock().timestamp()),
+        )
 
     async def _arc_status(self, raw: bytes) -> str:
         loop = asyncio.get_running_loop()
@@ -328,41 +347,9 @@ class ExternalAttachmentsFilter:
             log.debug("arc: chain verification failed: %r", exc)
             return "fail"
 
-    async def _seal(self, raw: bytes, edits: list[Edit]) -> list[tuple[str, str]]:
-        """ARC-seal the message as this filter's edits leave it (off the loop)."""
-        assert self.arc_key is not None
-        work = partial(
-            seal_edited,
-            raw,
-            tuple(edits),
-            selector=self.settings.arc_selector,
-            domain=self.settings.arc_domain,
-            key=self.arc_key,
-            srv_id=self.ctx.hostname,
-            timestamp=int(self.ctx.clock().timestamp()),
-        )
-        loop = asyncio.get_running_loop()
-        pool = self.processes(len(raw)) or self.ctx.executor
-        try:
-            return await loop.run_in_executor(pool, work)
-        except Exception as exc:  # a failed seal must not cost the message
-            log.warning("arc: sealing failed, message relayed unsealed: %r", exc)
-            return []
-
     async def aclose(self) -> None:
         """Stop the worker processes, if any were started."""
         pool, self._processes = self._processes, None
         if pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
 
-
-def seal_edited(raw: bytes, edits: tuple[Edit, ...], **arc: Any) -> list[tuple[str, str]]:
-    """Apply ``edits`` to ``raw`` and ARC-seal the result (blocking; runs in
-    the thread pool or a worker process).
-
-    The seal must cover the exact bytes the rewriter will produce, so it uses
-    the rewriter itself (pure bytes functions: no SMTP, no store).
-    """
-    from gateway.rewrite import apply_edits
-
-    return dkim_check.arc_seal(apply_edits(raw, edits), **arc)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from filters.base import FilterContext, Verdict
+from filters.base import BaseFilter, FilterContext, Verdict
 from gateway.message import Mail, decode_header_value
 
 #: Format of the record's ``time`` (identical to ``quarantine.store.iso``).
@@ -188,11 +188,12 @@ def address_digest(index: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(set(index))).encode("utf-8")).hexdigest()
 
 
-class HeaderLogFilter:
+class HeaderLogFilter(BaseFilter):
     """Switches the header-only log on; builds each message's record."""
 
     name: ClassVar[str] = "header_log"
     Settings: ClassVar[type] = Settings
+    writes_log: ClassVar[bool] = True
 
     def __init__(self, settings: Settings, ctx: FilterContext) -> None:
         self.settings = settings
@@ -235,15 +236,18 @@ class HeaderLogFilter:
             )
         return out, None
 
-    async def aclose(self) -> None:
-        """Nothing to release."""
-        return None
-
     # ---------------------------------------------------------------- record
 
-    def build_record(self, mail: Mail, result: Any) -> dict[str, Any]:
+    def log_record(self, mail: Mail, outcome: Any, own: Verdict | None) -> dict[str, Any]:
+        """:meth:`build_record` (the :class:`~filters.base.Filter` hook)."""
+        return self.build_record(mail, outcome, own)
+
+    def build_record(self, mail: Mail, result: Any, own: Verdict | None = None
+                     ) -> dict[str, Any]:
         """The header-only record for ``mail`` and its outcome ``result``
-        (a ``gateway.pipeline.Result``).  Never raises for bad mail."""
+        (a ``gateway.pipeline.Result``); ``own`` is this filter's verdict
+        (with the attachment descriptions :meth:`check` made).  Never raises
+        for bad mail."""
         s = self.settings
         limit = s.max_value_length
         text = lambda v: clean_text(str(v), limit) if v is not None else None  # noqa: E731
@@ -264,12 +268,13 @@ class HeaderLogFilter:
                 record[key] = text(value)
         record["size"] = mail.size
         if s.log_attachments:
-            record["attachments"], error = self._attachments(mail, result)
+            record["attachments"], error = self._attachments(mail, result, own)
             if error:
                 record["attachments_error"] = error
         verdicts = list(getattr(result, "verdicts", []) or [])
-        record["verdicts"] = [self._verdict(v) for v in verdicts]
-        record["personal"] = any(bool(v.facts.get("personal")) for v in verdicts)
+        sealed = getattr(result, "arc_sealed", None)
+        record["verdicts"] = [self._verdict(v, sealed) for v in verdicts]
+        record["personal"] = any(v.personal for v in verdicts)
         record["disposition"] = text(getattr(result, "disposition", ""))
         record["reply"] = text(getattr(result, "reply", ""))
         record["quarantine_id"] = getattr(result, "quarantine_id", None)
@@ -285,43 +290,40 @@ class HeaderLogFilter:
         record["addresses"] = index
         return record
 
-    def _verdict(self, v: Verdict) -> dict[str, Any]:
+    def _verdict(self, v: Verdict, sealed: bool | None) -> dict[str, Any]:
         limit = self.settings.max_value_length
-        out: dict[str, Any] = {"filter": v.filter, "outcome": v.outcome.name.lower()}
-        if v.detail:
-            out["detail"] = clean_text(v.detail, limit)
-        for k, val in v.facts.items():
-            if k in ("attachments", "attachments_error") or k in out:
+        out: dict[str, Any] = {}
+        for k, val in v.summary(sealed).items():
+            if k in ("attachments", "attachments_error"):
                 continue  # attachments are logged once, at the top level
-            out[clean_text(str(k), 200)] = bounded(val, limit)
+            if k == "detail":
+                out[k] = clean_text(val, limit)
+            elif k in ("filter", "outcome"):
+                out[k] = val
+            else:
+                out[clean_text(str(k), 200)] = bounded(val, limit)
         return out
 
-    def _attachments(self, mail: Mail, result: Any) -> tuple[list[dict[str, Any]], str | None]:
+    def _attachments(self, mail: Mail, result: Any, own: Verdict | None
+                     ) -> tuple[list[dict[str, Any]], str | None]:
         """Attachment descriptions: ours (from :meth:`check`, else computed
-        now), with the true type from the attachment_types verdict's
-        ``attachments`` fact where it has one for the same part."""
+        now), with the true type from the verdict that carries true types
+        (``Verdict.true_types``: attachment_types) where it has one for the
+        same part."""
         limit = self.settings.max_value_length
         verdicts = list(getattr(result, "verdicts", []) or [])
-        own = next((v for v in verdicts if v.filter == self.name), None)
-        if own is not None and "attachments_error" in own.facts:
+        if own is not None and own.attachments_error is not None:
             described: list[dict[str, Any]] = []
-            error: str | None = clean_text(str(own.facts["attachments_error"]), limit)
-        elif own is not None and "attachments" in own.facts:
-            described, error = [dict(a) for a in own.facts["attachments"]], None
+            error: str | None = clean_text(str(own.attachments_error), limit)
+        elif own is not None and own.attachments is not None:
+            described, error = [dict(a) for a in own.attachments], None
         elif own is not None:
             # Our check did not finish (timed out or failed): do not parse a
             # possibly pathological message on the event loop now.
             described, error = [], clean_text(f"not described: {own.detail or 'no result'}", limit)
         else:
             described, error = self.describe(mail)
-        typed = next(
-            (
-                v.facts.get("attachments")
-                for v in verdicts
-                if v.filter == "attachment_types" and v.facts.get("attachments")
-            ),
-            None,
-        )
+        typed = next((v.attachments for v in verdicts if v.true_types and v.attachments), None)
         facts = (
             [a for a in typed if isinstance(a, Mapping)]
             if isinstance(typed, list | tuple)

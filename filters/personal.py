@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from filters.base import AddHeader, Edit, FilterContext, RemoveHeader, Verdict
+from filters.base import AddHeader, BaseFilter, Edit, FilterContext, RemoveHeader, Verdict
 from gateway.message import Mail
 
 HEADER = "X-Mailwarden-Personal"
@@ -98,7 +98,7 @@ def _norm(value: str | None) -> str:
     return " ".join((value or "").split()).lower()
 
 
-class PersonalFilter:
+class PersonalFilter(BaseFilter):
     """Flags personal mail and tags it with ``X-Mailwarden-Personal: yes``."""
 
     name: ClassVar[str] = "personal"
@@ -135,7 +135,7 @@ class PersonalFilter:
         return None
 
     async def check(self, mail: Mail) -> Verdict:
-        """Relay always; personal mail gets the header and the ``personal`` fact."""
+        """Relay always; personal mail gets the header and ``personal``."""
         edits: list[Edit] = []
         if mail.headers.get(HEADER) is not None:
             edits.append(RemoveHeader(HEADER))
@@ -143,8 +143,5 @@ class PersonalFilter:
         if reason is None:
             return Verdict.relay(self.name, edits=tuple(edits), personal=False)
         edits.append(AddHeader(HEADER, "yes"))
-        return Verdict.relay(self.name, edits=tuple(edits), personal=True, marked_by=reason)
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
-        return None
+        return Verdict.relay(self.name, edits=tuple(edits), personal=True,
+                             log_facts={"marked_by": reason})

@@ -257,24 +257,17 @@ async def _check(config: Config) -> int:
         line(False, f"filters: {exc}")
         chain = []
     for f in chain:
-        health = getattr(f, "health", None)
-        if health is None:
-            continue
-        try:
-            results = await health()
-        except Exception as exc:
-            results = (False, f"{exc.__class__.__name__}: {exc}")
-        if isinstance(results, tuple):
-            results = [results]
-        for good, text in results:
+        if f.health_check is not None:
+            try:
+                good, text = await f.health()
+            except Exception as exc:
+                good, text = False, f"{exc.__class__.__name__}: {exc}"
             line(good, f"{f.name}: {text}")
-        conf_check = getattr(f, "clamd_conf_check", None)
-        if conf_check is not None:
-            warning = conf_check()
-            if warning:
-                # Reported, not fatal: the operator decides (e.g. a remote clamd
-                # whose local clamd.conf is not the one in use).
-                click.echo(f"WARN {f.name}: {warning}")
+        warning = f.conf_check()
+        if warning:
+            # Reported, not fatal: the operator decides (e.g. a remote clamd
+            # whose local clamd.conf is not the one in use).
+            click.echo(f"WARN {f.name}: {warning}")
         await f.aclose()
     relay = Relay(config.gateway.next_hop, timeout=10, helo_name=config.gateway.hostname)
     try:

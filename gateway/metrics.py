@@ -59,7 +59,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from filters.base import Outcome
+from filters.base import Filter, Outcome, ScanState
 from gateway.config import Config, parse_hostport
 from gateway.message import Direction, Mail
 from gateway.relay import NextHopFailure, Relay
@@ -94,10 +94,8 @@ def is_next_hop_error(reply: str) -> bool:
 
 
 def is_clamd_error(verdict: Any) -> bool:
-    """True when the clamav filter could not scan (clamd down, timeout, error, limits)."""
-    if verdict.filter != "clamav":
-        return False
-    return verdict.outcome is Outcome.TEMPFAIL or verdict.facts.get("scan") == "unscanned"
+    """True when a scanner could not scan (clamd down, timeout, error, limits)."""
+    return verdict.scan is ScanState.UNSCANNED
 
 
 class Metrics:
@@ -245,9 +243,9 @@ class Metrics:
         """Run every health check concurrently; (all ok, JSON-able report)."""
         config = self.current_config
         checks: dict[str, Awaitable[tuple[bool, str]]] = {}
-        clamav = self._filter("clamav")
-        if clamav is not None and hasattr(clamav, "health"):
-            checks["clamd"] = clamav.health()
+        for f in self._filters():
+            if f.health_check is not None:
+                checks[f.health_check] = f.health()
         checks["next_hop"] = self._check_next_hop(config)
         checks["store"] = self._check_store()
         names = list(checks)
@@ -262,10 +260,10 @@ class Metrics:
             "sessions_in_flight": int(self._session_count()),
         }
 
-    def _filter(self, name: str) -> Any:
+    def _filters(self) -> list[Filter]:
         if self.gateway is None:
-            return None
-        return next((f for f in self.gateway.state.pipeline.filters if f.name == name), None)
+            return []
+        return list(self.gateway.state.pipeline.filters)
 
     async def _check_next_hop(self, config: Config) -> tuple[bool, str]:
         gw = config.gateway

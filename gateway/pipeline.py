@@ -1,17 +1,21 @@
-"""Run the filter chain on a message and carry out its disposition.
+"""Decide what happens to a message; the front ends carry it out.
 
-Detect, then decide: every filter in the chain runs (concurrently, each under
-the per-message deadline) and returns a :class:`~filters.base.Verdict`.  A
-filter that raises or times out yields TEMPFAIL, never a pass; a message the
-MIME parser cannot handle within its bounds is held as unparseable.  One
-function, :func:`resolve`, picks the disposition by severity: tempfail, then
-reject, then quarantine, then relay.
+:meth:`Pipeline.decide` runs the filter chain (concurrently, each filter
+under the per-message deadline) and returns a :class:`Decision`: the outcome
+(relay / quarantine / reject / tempfail, the most severe of all verdicts),
+every filter's typed verdict, the edits to apply, and why (a typed
+``Reason``).  A filter that raises or times out yields TEMPFAIL, never a
+pass; a message the MIME model cannot handle within its bounds is held as
+unparseable, and so is one due a banner the model cannot place.  No SMTP, no
+store, no relay inside.
 
-Then: tempfail -> 451; reject -> the filter's 5xx; quarantine -> the message is
-made durable in the store *before* 250 (store trouble -> 451); relay -> the
-edits are applied (``rewrite.py``) and the message is sent to the next hop,
-whose reply is passed back.  Finally the header-only log record is queued and
-one structured line is logged.
+A front end (``gateway/server.py``: the SMTP proxy; the milter front end)
+turns the Decision into its own actions with three more steps of the
+pipeline: :meth:`~Pipeline.apply` (the edits, once, the ARC seal last),
+:meth:`~Pipeline.hold` (the quarantine copy, durable before the front end
+answers) and :meth:`~Pipeline.done` (the observers -- metrics, the virus
+notification -- and, right after the front end's reply, the header-only log
+record and one log line).
 """
 
 from __future__ import annotations
@@ -27,12 +31,23 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
-from filters.base import AddBanner, AddHeader, FilterContext, Outcome, Verdict
+from filters.base import (
+    AddBanner,
+    AddHeader,
+    ArcSeal,
+    Edit,
+    Filter,
+    FilterContext,
+    Outcome,
+    Reason,
+    ScanState,
+    Verdict,
+)
 from gateway import replies
 from gateway.config import Config
 from gateway.message import Mail, ParseError
-from gateway.relay import NextHopFailure, Relay, send_message
-from gateway.rewrite import crlf_clean, edit_pieces
+from gateway.notify import VirusNotifier
+from gateway.rewrite import crlf_clean, edit_pieces, fold_header
 
 log = logging.getLogger("mailwarden.pipeline")
 msglog = logging.getLogger("mailwarden.message")
@@ -41,19 +56,26 @@ DISPOSITIONS = ("relayed", "quarantined", "rejected", "tempfailed", "next-hop-re
 
 
 class Store(Protocol):
+    """What the pipeline needs of the store (``quarantine.store.StoreProtocol``)."""
+
     async def quarantine(self, **kwargs: Any) -> str: ...
 
     def append_log(self, record: dict[str, Any]) -> None: ...
 
 
 class Observer(Protocol):
-    """Metrics hook (see gateway/metrics.py)."""
+    """Sees every finished message (metrics, the virus notification)."""
 
     def message_done(self, mail: Mail, result: Result) -> None: ...
 
 
+class HoldFailed(Exception):
+    """The quarantine copy could not be made durable (no store, store error):
+    the front end must answer with a temporary failure."""
+
+
 #: Messages up to this size (bytes) are MIME-parsed and edited on the event
-#: loop, larger ones in a worker thread (see Pipeline.run_filters and _apply)
+#: loop, larger ones in a worker thread (see Pipeline.run_filters and apply)
 #: -- and parsed there too with more lines or delimiter-like lines than
 #: below: 5,000 parts in 170 KB cost ~0.2 s, which must not stall every other
 #: session.
@@ -69,8 +91,47 @@ def _few_parts(raw: bytes) -> bool:
 
 
 @dataclass
+class Decision:
+    """What the chain decided about one message (no protocol in it).
+
+    ``reason``/``reason_text``: why a REJECT or TEMPFAIL (``reply()`` is the
+    SMTP text every front end gives for it).  ``arc_sealed`` is set by
+    :meth:`Pipeline.apply` when a verdict asked for an ARC seal."""
+
+    outcome: Outcome
+    verdicts: list[Verdict]
+    filter_times: dict[str, float] = field(default_factory=dict)
+    reason: Reason | None = None
+    reason_text: str = ""
+    started: float = 0.0
+    arc_sealed: bool | None = None
+
+    @property
+    def edits(self) -> list[Edit]:
+        """Every verdict's edits in chain order, the ARC seal(s) last."""
+        edits = [e for v in self.verdicts for e in v.edits]
+        if any(isinstance(e, ArcSeal) for e in edits):
+            edits = ([e for e in edits if not isinstance(e, ArcSeal)]
+                     + [e for e in edits if isinstance(e, ArcSeal)])
+        return edits
+
+    @property
+    def personal(self) -> bool:
+        return any(v.personal for v in self.verdicts)
+
+    @property
+    def held_by(self) -> list[Verdict]:
+        """The verdicts that ask for quarantine."""
+        return [v for v in self.verdicts if v.outcome is Outcome.QUARANTINE]
+
+    def reply(self) -> str:
+        """The reply for a REJECT or TEMPFAIL (``gateway.replies.for_reason``)."""
+        return replies.for_reason(self.reason, self.reason_text)
+
+
+@dataclass
 class Result:
-    """What happened to one message."""
+    """What happened to one message: the front end's disposition and reply."""
 
     disposition: str
     reply: str
@@ -78,15 +139,16 @@ class Result:
     quarantine_id: str | None = None
     elapsed: float = 0.0
     filter_times: dict[str, float] = field(default_factory=dict)
+    arc_sealed: bool | None = None
     #: The bookkeeping left for after the reply (see :meth:`finish`).
     pending: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def finish(self) -> None:
         """Write the header-only log record and the message's log line, once.
 
-        The SMTP layer calls this right after the client's reply is on its way
-        (the record is queued for the batched writer anyway, so nothing is
-        less durable), or when the processing ends without a client."""
+        The front end calls this right after its reply is on its way (the
+        record is queued for the batched writer anyway, so nothing is less
+        durable), or when the processing ends without a client."""
         pending, self.pending = self.pending, None
         if pending is not None:
             pending()
@@ -97,30 +159,37 @@ def resolve(verdicts: Sequence[Verdict]) -> Outcome:
     return max((v.outcome for v in verdicts), default=Outcome.RELAY)
 
 
-def build_chain(config: Config, ctx: FilterContext) -> list[Any]:
+def why(outcome: Outcome, verdicts: Sequence[Verdict]) -> tuple[Reason | None, str]:
+    """The reason (and the text its reply quotes) for a REJECT or TEMPFAIL:
+    the first verdict with that outcome."""
+    if outcome is Outcome.TEMPFAIL:
+        v = next(v for v in verdicts if v.outcome is Outcome.TEMPFAIL)
+        return v.reason or Reason.FILTER_FAILED, v.reason_text or v.filter
+    if outcome is Outcome.REJECT:
+        v = next(v for v in verdicts if v.outcome is Outcome.REJECT)
+        return v.reason or Reason.POLICY, v.reason_text or v.detail
+    return None, ""
+
+
+def build_chain(config: Config, ctx: FilterContext) -> list[Filter]:
     """Instantiate the configured chain, in order."""
     from filters import REGISTRY
 
     return [REGISTRY[name](config.filter_settings(name), ctx) for name in config.chain]
 
 
-def verdict_summary(v: Verdict) -> dict[str, Any]:
+def verdict_summary(v: Verdict, sealed: bool | None = None) -> dict[str, Any]:
     """A verdict as header-only facts (for the log and quarantine rows)."""
-    out: dict[str, Any] = {"filter": v.filter, "outcome": v.outcome.name.lower()}
-    if v.detail:
-        out["detail"] = v.detail
-    for k, val in v.facts.items():
-        out[k] = val
-    return out
+    return v.summary(sealed)
 
 
 class Pipeline:
-    """The chain plus everything needed to carry out a disposition."""
+    """The chain, and the steps a front end takes with its Decision."""
 
     def __init__(
         self,
         config: Config,
-        filters: list[Any],
+        filters: list[Filter],
         *,
         store: Store | None,
         executor: Executor | None = None,
@@ -132,9 +201,11 @@ class Pipeline:
         self.store = store
         self.executor = executor
         self.clock = clock
-        self.observers = list(observers)
-        self.header_log = next((f for f in filters if f.name == "header_log"), None)
-        self._background: set[asyncio.Task[Any]] = set()
+        self.notifier = VirusNotifier(config)
+        self.observers: list[Observer] = [self.notifier, *observers]
+        self.log_writer = next(
+            ((i, f) for i, f in enumerate(filters) if f.writes_log), None
+        )
 
     async def aclose(self) -> None:
         for f in self.filters:
@@ -142,19 +213,18 @@ class Pipeline:
                 await f.aclose()
             except Exception:
                 log.exception("closing filter %s", f.name)
-        if self._background:
-            await asyncio.wait(self._background, timeout=10)
+        await self.notifier.aclose()
 
     # ------------------------------------------------------------- filters
 
-    async def _run_one(self, f: Any, mail: Mail, deadline: float,
+    async def _run_one(self, f: Filter, mail: Mail, deadline: float,
                        prepared: asyncio.Future[None] | None) -> tuple[Verdict, float]:
         start = time.perf_counter()
 
         async def check() -> Verdict:
-            if prepared is not None and getattr(f, "reads_mime", True):
+            if prepared is not None and f.reads_mime:
                 await asyncio.shield(prepared)
-            return await f.check(mail)  # type: ignore[no-any-return]
+            return await f.check(mail)
 
         try:
             # asyncio.timeout, not wait_for: no extra task, so a filter's first
@@ -163,16 +233,16 @@ class Pipeline:
             async with asyncio.timeout(deadline):
                 verdict = await check()
         except TimeoutError:
-            verdict = Verdict.tempfail(f.name, f"timed out after {deadline:g}s")
+            verdict = _failed(f, f"timed out after {deadline:g}s")
         except ParseError as exc:
             verdict = Verdict.quarantine(f.name, f"unparseable: {exc}", unparseable=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("filter %s failed on %s", f.name, mail.queue_id)
-            verdict = Verdict.tempfail(f.name, f"filter error: {exc.__class__.__name__}")
+            verdict = _failed(f, f"filter error: {exc.__class__.__name__}")
         if not isinstance(verdict, Verdict):
-            verdict = Verdict.tempfail(f.name, "filter returned no verdict")
+            verdict = _failed(f, "filter returned no verdict")
         return verdict, time.perf_counter() - start
 
     async def run_filters(self, mail: Mail, parse: bool = False
@@ -180,14 +250,13 @@ class Pipeline:
         """Run the chain concurrently.
 
         ``parse``: parse the MIME structure once for all filters.  A filter
-        that reads it (its ``reads_mime``, True unless it says otherwise)
-        starts once the parse is done; the others (clamav: the raw bytes;
-        personal: headers) start at once, so clamd scans while the message is
-        parsed.  The parse runs on the loop for a message of up to
-        :data:`ON_LOOP_BYTES` bytes with few lines and parts (well under a
-        millisecond: cheaper than a hop to a worker thread and back), in a
-        worker thread otherwise (~40 ms for 6.7 MB would stall every other
-        session)."""
+        that reads it (``reads_mime``) starts once the parse is done; the
+        others (clamav: the raw bytes; personal: headers) start at once, so
+        clamd scans while the message is parsed.  The parse runs on the loop
+        for a message of up to :data:`ON_LOOP_BYTES` bytes with few lines and
+        parts (well under a millisecond: cheaper than a hop to a worker
+        thread and back), in a worker thread otherwise (~40 ms for 6.7 MB
+        would stall every other session)."""
         deadline = self.config.gateway.filter_timeout
         if not self.filters:
             return [], {}
@@ -208,46 +277,10 @@ class Pipeline:
         times = {f.name: r[1] for f, r in zip(self.filters, results, strict=True)}
         return verdicts, times
 
-    # ----------------------------------------------------------- disposition
+    # ------------------------------------------------------------- decide
 
-    def _tempfail_reply(self, verdicts: Sequence[Verdict]) -> str:
-        for v in verdicts:
-            if v.outcome is Outcome.TEMPFAIL:
-                if v.filter == "clamav":
-                    return replies.SCANNER_UNAVAILABLE
-                return replies.FILTER_FAILED.format(replies.safe_text(v.filter))
-        return replies.LOCAL_ERROR
-
-    async def _quarantine(self, mail: Mail, verdicts: Sequence[Verdict]) -> str:
-        assert self.store is not None
-        held = [v for v in verdicts if v.outcome is Outcome.QUARANTINE]
-        personal = any(v.facts.get("personal") for v in verdicts)
-        headers = {
-            "from": mail.header("From"),
-            "to": mail.header("To"),
-            "cc": mail.header("Cc"),
-            "subject": mail.header("Subject"),
-            "message-id": mail.header("Message-ID"),
-            "date": mail.header("Date"),
-        }
-        return await self.store.quarantine(
-            raw=mail.raw,
-            queue_id=mail.queue_id,
-            received=mail.received,
-            direction=str(mail.direction),
-            client_addr=mail.client_addr,
-            helo=mail.helo,
-            mail_from=mail.mail_from,
-            rcpt_tos=list(mail.rcpt_tos),
-            headers=headers,
-            reason=",".join(dict.fromkeys(v.filter for v in held)),
-            detail="; ".join(v.detail for v in held if v.detail),
-            personal=personal,
-            verdicts=[verdict_summary(v) for v in verdicts],
-        )
-
-    async def process(self, mail: Mail, relay: Relay) -> Result:
-        """Run the chain and carry out the disposition; returns the client's reply."""
+    async def decide(self, mail: Mail) -> Decision:
+        """Run the chain and decide; nothing is sent, stored or answered."""
         start = time.perf_counter()
         # One MIME parse per message, shared by the filters (see run_filters).
         verdicts, times = await self.run_filters(mail, parse=mail.needs_parsing)
@@ -257,41 +290,8 @@ class Pipeline:
             if unparseable is not None:
                 verdicts = [*verdicts, unparseable]
                 outcome = resolve(verdicts)
-        qid: str | None = None
-        if outcome is Outcome.TEMPFAIL:
-            disposition, reply = "tempfailed", self._tempfail_reply(verdicts)
-        elif outcome is Outcome.REJECT:
-            rej = next(v for v in verdicts if v.outcome is Outcome.REJECT)
-            disposition = "rejected"
-            reply = rej.reply or replies.POLICY_REJECTED.format(replies.safe_text(rej.detail))
-        elif outcome is Outcome.QUARANTINE:
-            if self.store is None:
-                disposition, reply = "tempfailed", replies.STORE_UNAVAILABLE
-            else:
-                try:
-                    qid = await self._quarantine(mail, verdicts)
-                    disposition, reply = "quarantined", replies.QUARANTINED.format(qid)
-                except Exception as exc:
-                    log.error("quarantine of %s failed: %s", mail.queue_id, exc)
-                    disposition, reply = "tempfailed", replies.STORE_UNAVAILABLE
-        else:
-            edits = [e for v in verdicts for e in v.edits]
-            content = mail.raw
-            if edits:
-                content = await self._apply(mail, edits)
-            try:
-                reply = await relay.data(content)
-            except NextHopFailure as exc:
-                log.warning("%s: %s", mail.queue_id, exc.reason)
-                reply = exc.reply
-            disposition = "relayed" if reply.startswith("2") else (
-                "next-hop-refused" if reply.startswith("5") else "tempfailed"
-            )
-        if outcome is not Outcome.RELAY:
-            await relay.rset()
-        result = Result(disposition, reply, verdicts, qid, time.perf_counter() - start, times)
-        self._finish(mail, result)
-        return result
+        reason, text = why(outcome, verdicts)
+        return Decision(outcome, verdicts, times, reason, text, start)
 
     async def _banner_needs_structure(self, mail: Mail, verdicts: Sequence[Verdict]
                                       ) -> Verdict | None:
@@ -314,7 +314,24 @@ class Pipeline:
             return Verdict.quarantine(asking.filter, f"unparseable: {exc}", unparseable=True)
         return None
 
-    async def _apply(self, mail: Mail, edits: list[Any]) -> bytes:
+    # -------------------------------------------------------------- apply
+
+    async def apply(self, mail: Mail, decision: Decision) -> bytes:
+        """The message as it is to be relayed: every edit applied once, in
+        one pass over the bytes, then the ARC seal over exactly those bytes
+        (its set on top).  ``mail.raw`` itself when there is nothing to do."""
+        edits = decision.edits
+        if not edits:
+            return mail.raw
+        seals = [e for e in edits if isinstance(e, ArcSeal)]
+        if seals:
+            edits = [e for e in edits if not isinstance(e, ArcSeal)]
+        content = await self._edit(mail, edits) if edits else mail.raw
+        if seals:
+            content, decision.arc_sealed = await seal(content, seals, self.executor)
+        return content
+
+    async def _edit(self, mail: Mail, edits: list[Edit]) -> bytes:
         # Header-only edits are cheap; banners re-encode body parts: off the loop
         # for large messages.
         content = mail.raw
@@ -332,25 +349,68 @@ class Pipeline:
             out = re.sub(rb"\r\n|\r|\n", b"\r\n", out)
         return out
 
-    # --------------------------------------------------------------- records
+    # --------------------------------------------------------------- hold
 
-    def _finish(self, mail: Mail, result: Result) -> None:
-        """What happens before the client hears the reply: the virus
-        notification and the observers (metrics); the log record and line
-        are left to :meth:`Result.finish`."""
-        self._notify(mail, result)
+    async def hold(self, mail: Mail, decision: Decision) -> str:
+        """Store the quarantine copy, durably; its id.  :class:`HoldFailed`
+        when that cannot be done (the front end then answers 451)."""
+        if self.store is None:
+            raise HoldFailed("no quarantine store")
+        held = decision.held_by
+        headers = {
+            "from": mail.header("From"),
+            "to": mail.header("To"),
+            "cc": mail.header("Cc"),
+            "subject": mail.header("Subject"),
+            "message-id": mail.header("Message-ID"),
+            "date": mail.header("Date"),
+        }
+        try:
+            return await self.store.quarantine(
+                raw=mail.raw,
+                queue_id=mail.queue_id,
+                received=mail.received,
+                direction=str(mail.direction),
+                client_addr=mail.client_addr,
+                helo=mail.helo,
+                mail_from=mail.mail_from,
+                rcpt_tos=list(mail.rcpt_tos),
+                headers=headers,
+                reason=",".join(dict.fromkeys(v.filter for v in held)),
+                detail="; ".join(v.detail for v in held if v.detail),
+                personal=decision.personal,
+                verdicts=[v.summary() for v in decision.verdicts],
+            )
+        except Exception as exc:
+            log.error("quarantine of %s failed: %s", mail.queue_id, exc)
+            raise HoldFailed(str(exc)) from exc
+
+    # --------------------------------------------------------------- done
+
+    def done(self, mail: Mail, decision: Decision, disposition: str, reply: str,
+             quarantine_id: str | None = None) -> Result:
+        """What the front end did with the message: runs the observers
+        (before the front end answers); the log record and line are left to
+        :meth:`Result.finish`, right after the answer."""
+        result = Result(disposition, reply, decision.verdicts, quarantine_id,
+                        time.perf_counter() - decision.started, decision.filter_times,
+                        decision.arc_sealed)
         for obs in self.observers:
             try:
                 obs.message_done(mail, result)
             except Exception:
                 log.exception("observer failed")
         result.pending = partial(self._record, mail, result)
+        return result
 
     def _record(self, mail: Mail, result: Result) -> None:
-        if self.header_log is not None and self.store is not None:
+        if self.log_writer is not None and self.store is not None:
+            index, writer = self.log_writer
+            own = result.verdicts[index] if index < len(result.verdicts) else None
             try:
-                record = self.header_log.build_record(mail, result)
-                self.store.append_log(record)
+                record = writer.log_record(mail, result, own)
+                if record is not None:
+                    self.store.append_log(record)
             except Exception:
                 log.exception("could not build the log record for %s", mail.queue_id)
         verdicts = ",".join(
@@ -375,57 +435,30 @@ class Pipeline:
             or "-",
         )
 
-    def _notify(self, mail: Mail, result: Result) -> None:
-        """Tell IT about a virus (never the infected content)."""
-        for v in result.verdicts:
-            to = v.facts.get("notify")
-            virus = v.facts.get("virus")
-            if v.filter != "clamav" or not to or not virus:
-                continue
-            if v.outcome not in (Outcome.QUARANTINE, Outcome.REJECT):
-                continue
-            body = notification_text(mail, result, str(virus), self.config.gateway.hostname)
-            task = asyncio.create_task(self._send_notification(str(to), body))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
-    async def _send_notification(self, to: str, body: bytes) -> None:
-        gw = self.config.gateway
-        ok, reply, _ = await send_message(
-            gw.next_hop, f"postmaster@{gw.hostname}", [to], body,
-            timeout=gw.next_hop_timeout, helo_name=gw.hostname,
-        )
-        if not ok:
-            log.error("virus notification to %s not accepted: %s", to, reply)
+async def seal(content: bytes, seals: Sequence[ArcSeal], executor: Executor | None = None
+               ) -> tuple[bytes, bool]:
+    """``content`` with each ARC set on top (the blocking signer runs in the
+    seal's own executor, else ``executor``), and whether one was added.  A
+    seal that fails costs the seal, never the message."""
+    loop = asyncio.get_running_loop()
+    sealed = False
+    for s in seals:
+        try:
+            arc_set = await loop.run_in_executor(s.executor or executor, s.seal, content)
+        except Exception as exc:
+            log.warning("arc: sealing failed, message relayed unsealed: %r", exc)
+            continue
+        if arc_set:
+            content = b"".join(fold_header(n, v) for n, v in arc_set) + content
+            sealed = True
+    return content, sealed
 
 
-def notification_text(mail: Mail, result: Result, virus: str, hostname: str) -> bytes:
-    """A short plain-text notice naming sender, recipients, subject, virus, id."""
-    import email.utils
-
-    safe = replies.safe_text
-    lines = [
-        f"From: mailwarden <postmaster@{hostname}>",
-        "Subject: " + safe(f"[mailwarden] virus found: {virus}"),
-        f"Date: {email.utils.formatdate(usegmt=True)}",
-        f"Message-ID: {email.utils.make_msgid(domain=hostname)}",
-        "Auto-Submitted: auto-generated",
-        "Content-Type: text/plain; charset=us-ascii",
-        "",
-        "mailwarden found a virus in a message and did not deliver it.",
-        "",
-        f"Virus:         {safe(virus)}",
-        f"Disposition:   {result.disposition}",
-        f"Quarantine ID: {result.quarantine_id or '-'}",
-        f"Queue ID:      {mail.queue_id}",
-        f"Direction:     {mail.direction}",
-        f"Client:        {safe(mail.client_addr)}",
-        f"Sender:        <{safe(mail.mail_from)}>",
-        f"Recipients:    {safe(', '.join(mail.rcpt_tos), 1000)}",
-        f"Subject:       {safe(mail.subject or '', 300)}",
-        "",
-        "The infected content is not included.  Review it with",
-        f"  mailwarden quarantine show {result.quarantine_id or '<id>'}",
-        "",
-    ]
-    return ("\r\n".join(lines)).encode("ascii", "replace")
+def _failed(f: Filter, detail: str) -> Verdict:
+    """The verdict of a filter that raised or timed out: TEMPFAIL; for a
+    scanner the message is unscanned and the reply says so."""
+    if f.scanner:
+        return Verdict.tempfail(f.name, detail, Reason.SCANNER_UNAVAILABLE,
+                                scan=ScanState.UNSCANNED)
+    return Verdict.tempfail(f.name, detail)

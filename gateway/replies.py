@@ -4,9 +4,16 @@ Replies the next hop gives are passed through unchanged (see ``relay.py``).
 Templates with ``{}`` fields are filled with ``str.format``; values that come
 from the message (virus names, filenames) are sanitised first by
 :func:`safe_text` so that a reply is always one printable ASCII line.
+
+:func:`for_reason` is the one place where a typed reason
+(``filters.base.Reason``) becomes reply text: filters and the pipeline never
+write SMTP text; each front end asks here (the SMTP proxy sends the reply,
+the milter front end sends it as its REPLYCODE).
 """
 
 from __future__ import annotations
+
+from filters.base import Reason
 
 # Held for review; the quarantine id is filled in.
 QUARANTINED = "250 2.7.0 accepted, held for review ({})"
@@ -48,3 +55,23 @@ def safe_text(text: object, limit: int = 200) -> str:
     if len(out) > limit:
         out = out[: limit - 3] + "..."
     return out
+
+
+#: Typed reason -> template; ``{}`` takes the reason's text (sanitised).
+_BY_REASON: dict[Reason, str] = {
+    Reason.VIRUS: VIRUS_REJECTED,
+    Reason.ATTACHMENT: ATTACHMENT_REJECTED,
+    Reason.POLICY: POLICY_REJECTED,
+    Reason.UNPARSEABLE: UNPARSEABLE,
+    Reason.SCANNER_UNAVAILABLE: SCANNER_UNAVAILABLE,
+    Reason.FILTER_FAILED: FILTER_FAILED,
+    Reason.STORE_UNAVAILABLE: STORE_UNAVAILABLE,
+    Reason.LOCAL_ERROR: LOCAL_ERROR,
+}
+
+
+def for_reason(reason: Reason | None, text: str = "") -> str:
+    """The reply for a message refused or deferred for ``reason``, quoting
+    ``text`` (a virus, a file name, a filter name) where the reply names one."""
+    template = _BY_REASON.get(reason, LOCAL_ERROR) if reason is not None else LOCAL_ERROR
+    return template.format(safe_text(text)) if "{}" in template else template

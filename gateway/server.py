@@ -30,11 +30,11 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from filters.base import FilterContext
+from filters.base import FilterContext, Outcome
 from gateway import replies
 from gateway.config import Config, parse_hostport
 from gateway.message import MAX_HEADER_LINES, Direction, Mail, header_lines
-from gateway.pipeline import Pipeline, build_chain
+from gateway.pipeline import HoldFailed, Pipeline, Result, build_chain
 from gateway.relay import NextHopFailure, Relay
 
 log = logging.getLogger("mailwarden.server")
@@ -437,7 +437,7 @@ class Handler:
         session.xforward.clear()
         # Once the data is in, finish the transaction even if the client goes
         # away: a half-done transaction is how messages get lost or doubled.
-        task = asyncio.ensure_future(state.pipeline.process(mail, relay))
+        task = asyncio.ensure_future(proxy_message(state.pipeline, mail, relay))
         session.processing = task
         self.gateway.in_flight.add(task)
         task.add_done_callback(self.gateway.in_flight.discard)
@@ -455,6 +455,38 @@ class Handler:
     async def handle_exception(self, error: Exception) -> str:
         log.exception("session error: %s", error)
         return replies.LOCAL_ERROR
+
+
+async def proxy_message(pipeline: Pipeline, mail: Mail, relay: Relay) -> Result:
+    """The SMTP proxy's side of one message: decide, then carry the
+    Decision out over SMTP -- relay and pass the next hop's reply back;
+    quarantine (durable first) and answer 250; refuse with the 5xx; 451."""
+    decision = await pipeline.decide(mail)
+    qid: str | None = None
+    outcome = decision.outcome
+    if outcome is Outcome.TEMPFAIL:
+        disposition, reply = "tempfailed", decision.reply()
+    elif outcome is Outcome.REJECT:
+        disposition, reply = "rejected", decision.reply()
+    elif outcome is Outcome.QUARANTINE:
+        try:
+            qid = await pipeline.hold(mail, decision)
+            disposition, reply = "quarantined", replies.QUARANTINED.format(qid)
+        except HoldFailed:
+            disposition, reply = "tempfailed", replies.STORE_UNAVAILABLE
+    else:
+        content = await pipeline.apply(mail, decision)
+        try:
+            reply = await relay.data(content)
+        except NextHopFailure as exc:
+            log.warning("%s: %s", mail.queue_id, exc.reason)
+            reply = exc.reply
+        disposition = "relayed" if reply.startswith("2") else (
+            "next-hop-refused" if reply.startswith("5") else "tempfailed"
+        )
+    if outcome is not Outcome.RELAY:
+        await relay.rset()
+    return pipeline.done(mail, decision, disposition, reply, qid)
 
 
 def _finish_done(task: asyncio.Future[Any]) -> None:

@@ -32,7 +32,6 @@ import pytest
 
 from filters import filetypes
 from filters.attachment_types import (
-    REJECT_REPLY,
     AttachmentTypesFilter,
     Policy,
     Report,
@@ -40,7 +39,7 @@ from filters.attachment_types import (
     classify,
     name_info,
 )
-from filters.base import FilterContext, Outcome, Verdict
+from filters.base import FilterContext, Outcome, Reason, Verdict
 from gateway import replies
 from gateway.config import ConfigError, build_settings
 from gateway.message import Attachment, Direction, Mail
@@ -239,10 +238,6 @@ def test_settings_validation_names_the_key() -> None:
         build_settings(Settings, {"action": "drop"}, prefix)
     ok = build_settings(Settings, {"blocked_extensions": [".SH"], "action": "reject"}, prefix)
     assert ok.blocked_extensions == ("sh",) and ok.action == "reject"
-
-
-def test_reject_reply_is_contracts() -> None:
-    assert REJECT_REPLY == replies.ATTACHMENT_REJECTED
 
 
 # ------------------------------------------------------- scanning attachments
@@ -451,8 +446,10 @@ def test_verdict_reject_names_the_file() -> None:
     finally:
         asyncio.run(f.aclose())
     assert v.outcome is Outcome.REJECT
-    assert v.reply == replies.ATTACHMENT_REJECTED.format("?berweisung.pdf.exe")
-    assert v.reply.isascii() and v.reply.isprintable()
+    assert v.reason is Reason.ATTACHMENT
+    reply = replies.for_reason(v.reason, v.reason_text)
+    assert reply == replies.ATTACHMENT_REJECTED.format("?berweisung.pdf.exe")
+    assert reply.isascii() and reply.isprintable()
 
 
 def test_macro_action_and_directions() -> None:

@@ -23,10 +23,9 @@ from typing import Any
 import pyclamd
 import pytest
 
-from filters.base import AddHeader, FilterContext, Outcome
+from filters.base import AddHeader, FilterContext, Outcome, Reason
 from filters.clamav import (
     MAX_SCAN_TIMEOUT,
-    VIRUS_REPLY,
     ClamAVFilter,
     ScanResult,
     Settings,
@@ -155,13 +154,10 @@ async def test_action_reject_gives_the_contract_reply(clamd: Clamd, filt: Any) -
     f = filt(clamd.socket, action="reject")
     v = await f.check(mail(message([("eicar.com", "application/octet-stream", eicar())])))
     assert v.outcome is Outcome.REJECT
-    assert v.reply == f"554 5.7.1 message refused: virus found ({EICAR_NAME})"
-    assert v.reply == replies.VIRUS_REJECTED.format(replies.safe_text(EICAR_NAME))
-
-
-def test_reply_text_mirrors_gateway_replies() -> None:
-    for name in ("Eicar-Test-Signature", "Win.Trojan.Agent-123.UNOFFICIAL"):
-        assert VIRUS_REPLY.format(name) == replies.VIRUS_REJECTED.format(name)
+    assert v.reason is Reason.VIRUS
+    reply = replies.for_reason(v.reason, v.reason_text)
+    assert reply == f"554 5.7.1 message refused: virus found ({EICAR_NAME})"
+    assert reply == replies.VIRUS_REJECTED.format(replies.safe_text(EICAR_NAME))
 
 
 async def test_tcp_address_reaches_real_clamd(clamd: Clamd, filt: Any) -> None:
@@ -351,7 +347,8 @@ async def test_unscanned_verdict_is_never_relay(filt: Any) -> None:
 async def test_reject_reply_is_one_safe_line(filt: Any) -> None:
     v = filt("/x/clamd.sock", action="reject").verdict(
         ScanResult("infected", virus="Bad\r\nName\x00"))
-    assert v.reply == "554 5.7.1 message refused: virus found (Bad??Name?)"
+    assert replies.for_reason(v.reason, v.reason_text) == (
+        "554 5.7.1 message refused: virus found (Bad??Name?)")
 
 
 async def test_scan_timeout_grows_with_size_and_is_capped(filt: Any) -> None:
@@ -444,10 +441,10 @@ async def test_clamd_conf_fine_and_broken(tmp_path: Path, filt: Any) -> None:
     conf = tmp_path / "clamd.conf"
     conf.write_text(DEBIAN_STYLE + "StreamMaxLength 60M\nMaxFileSize 60M\nAlertExceedsMax yes\n")
     assert check_stream_max_length(conf, 50 * 1024 * 1024) is None
-    assert filt("/x/s", clamd_conf=str(conf)).clamd_conf_check() is None
-    assert filt("/x/s", clamd_conf="").clamd_conf_check() is None
+    assert filt("/x/s", clamd_conf=str(conf)).conf_check() is None
+    assert filt("/x/s", clamd_conf="").conf_check() is None
     conf.write_text("StreamMaxLength 1M\n")
-    assert "StreamMaxLength 1M" in (filt("/x/s", clamd_conf=str(conf)).clamd_conf_check() or "")
+    assert "StreamMaxLength 1M" in (filt("/x/s", clamd_conf=str(conf)).conf_check() or "")
     conf.write_text("ScanMail no\nStreamMaxLength lots\n")
     warnings = clamd_conf_warnings(conf, 1024)
     assert any("ScanMail is off" in w for w in warnings)

@@ -35,6 +35,7 @@ from filters.external_attachments import (
 )
 from gateway.config import ConfigError, build_settings
 from gateway.message import Direction, Mail
+from gateway.pipeline import seal
 from gateway.rewrite import apply_edits
 from tests.support.dkimkeys import rsa_key, sign
 from tests.support.dns import LoopbackDNS
@@ -396,13 +397,14 @@ async def test_arc_seal_verifies(executor: ThreadPoolExecutor, keyed_dns: Loopba
                     arc_selector="arc", arc_domain="example.com")
     raw = sign(msg(html="<html><body><p>Hi</p></body></html>"), "sender.test")
     v = await f.check(mail(raw))
-    assert v.facts["arc_sealed"] is True
-    names = [e.name for e in v.edits if isinstance(e, AddHeader)]
-    assert names[:4] == ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results",
-                         "Authentication-Results"]
-    out = apply_edits(raw, v.edits)
-    # Another filter's header on top must not break the seal (ARC signs neither).
-    out = b"X-Mailwarden-Scan: clean\r\n" + out
+    assert v.arc_seal is not None and v.edits[-1] is v.arc_seal  # the last edit
+    # The pipeline seals the message as relayed: every filter's edits in
+    # (here another filter's header too), the ARC set on top.
+    out, sealed = await relayed(raw, v, AddHeader("X-Mailwarden-Scan", "clean"))
+    assert sealed is True and v.summary(sealed)["arc_sealed"] is True
+    assert header_names(out)[:5] == ["ARC-Seal", "ARC-Message-Signature",
+                                     "ARC-Authentication-Results", "X-Mailwarden-Scan",
+                                     "Authentication-Results"]
     # The banner broke the sender's DKIM body hash ...
     assert await in_thread(dkim.verify, out, keyed_dns) is False
     # ... and the ARC chain carries the original verdict forward.
@@ -413,12 +415,23 @@ async def test_arc_seal_verifies(executor: ThreadPoolExecutor, keyed_dns: Loopba
 
     # A second hop through mailwarden continues the chain (i=2, cv=pass).
     v2 = await f.check(mail(out))
-    out2 = apply_edits(out, v2.edits)
+    out2, _ = await relayed(out, v2)
     [ar] = header_values(v2.edits, "Authentication-Results")
     assert "arc=pass" in ar
     cv, results, reason = await in_thread(dkim.arc_verify, out2, keyed_dns)
     assert cv == b"pass", reason
     assert len(results) == 2
+
+
+async def relayed(raw: bytes, v: Any, *other: Any) -> tuple[bytes, bool]:
+    """``raw`` as the pipeline relays it with ``v``'s edits (and ``other``
+    filters' edits before them): the rewriter, then the ARC seal last."""
+    out = apply_edits(raw, (*other, *v.edits))
+    return await seal(out, [v.arc_seal]) if v.arc_seal is not None else (out, False)
+
+
+def header_names(raw: bytes) -> list[str]:
+    return [k for k, _ in email.message_from_bytes(raw).items()]
 
 
 async def in_thread(fn: Any, raw: bytes, server: LoopbackDNS) -> Any:
@@ -436,7 +449,9 @@ async def test_arc_seal_failure_does_not_cost_the_message(executor: ThreadPoolEx
     no_from = b"To: b@example.com\r\nSubject: x\r\n\r\nbody\r\n"  # arc_sign needs a From
     v = await f.check(mail(no_from))
     assert v.outcome == Outcome.RELAY
-    assert v.facts["arc_sealed"] is False
+    out, sealed = await relayed(no_from, v)
+    assert sealed is False and v.summary(sealed)["arc_sealed"] is False
+    assert out == apply_edits(no_from, v.edits)  # relayed, unsealed
     assert header_values(v.edits, "Authentication-Results") == [f"{HOST}; dkim=none"]
 
 
@@ -448,7 +463,7 @@ async def test_arc_chain_dns_trouble_is_bounded_and_unsealed(executor: ThreadPoo
     f = make_filter(executor, keyed_dns, arc_key=str(arc_key.write(tmp_path / "arc.pem")),
                     arc_selector="arc", arc_domain="example.com", dns_timeout=0.4)
     first = await f.check(mail(sign(msg(), "sender.test")))
-    sealed = apply_edits(sign(msg(), "sender.test"), first.edits)
+    sealed, _ = await relayed(sign(msg(), "sender.test"), first)
     keyed_dns.set_timeout("arc._domainkey.example.com")  # the next hop cannot fetch the seal key
     t0 = time.monotonic()
     v = await f.check(mail(sealed))
@@ -456,6 +471,7 @@ async def test_arc_chain_dns_trouble_is_bounded_and_unsealed(executor: ThreadPoo
     [ar] = header_values(v.edits, "Authentication-Results")
     assert "arc=temperror" in ar
     assert v.facts["arc_sealed"] is False
+    assert v.arc_seal is None
     assert not [e for e in v.edits if isinstance(e, AddHeader) and e.name.startswith("ARC-")]
 
 
@@ -505,11 +521,14 @@ async def test_large_messages_are_verified_in_a_worker_process(
             assert dict(a.facts) == dict(b.facts)
             assert header_values(a.edits, "Authentication-Results") == header_values(
                 b.edits, "Authentication-Results")
-            # Both sealed (timestamps may differ by a second; the set is there).
             assert [e.name for e in a.edits if isinstance(e, AddHeader)] == [
                 e.name for e in b.edits if isinstance(e, AddHeader)]
+            # Both ask for the seal; the large one has it made in the process pool.
+            assert a.arc_seal is not None and a.arc_seal.executor is None
+            assert b.arc_seal is not None and b.arc_seal.executor is procs._processes
         assert threads._processes is None and procs._processes is not None
-        sealed = apply_edits(good, (await procs.check(mail(good))).edits)
+        sealed, done = await relayed(good, await procs.check(mail(good)))
+        assert done is True
         cv, _results, reason = await in_thread(dkim.arc_verify, sealed, keyed_dns)
         assert cv == b"pass", reason
     finally:

@@ -57,7 +57,7 @@ def record_for(ctx: FilterContext, raw: bytes, settings: Settings | None = None,
     verdicts = [*extra, own]
     kw: dict = dict(disposition="relayed", reply="250 2.0.0 Ok: queued as X", verdicts=verdicts)
     kw.update(result_kw)
-    return f.build_record(m, Result(**kw))
+    return f.log_record(m, Result(**kw), own)
 
 
 def test_record_fields(ctx: FilterContext) -> None:
@@ -68,7 +68,8 @@ def test_record_fields(ctx: FilterContext) -> None:
         to="Bob <b@example.com>",
         headers={"Cc": "Dee <dee@Example.com>"},
     )
-    personal = Verdict.relay("personal", personal=True, marked_by="subject: [personal]")
+    personal = Verdict.relay("personal", personal=True,
+                             log_facts={"marked_by": "subject: [personal]"})
     clam = Verdict.quarantine("clamav", "Eicar-Test-Signature", virus="Eicar-Test-Signature")
     rec = record_for(ctx, raw, extra=(clam, personal), disposition="quarantined",
                      reply="250 2.7.0 held", quarantine_id="20261101-ABC", elapsed=0.0123,
@@ -131,6 +132,7 @@ def test_true_types_from_attachment_types(ctx: FilterContext) -> None:
         attachments=[{"name": "invoice.pdf", "true_type": "application/x-dosexec",
                       "sha256": digest, "category": "executable"},
                      {"name": "b.txt", "type": "text/plain", "size": 5}],
+        true_types=True,
     )
     rec = record_for(ctx, raw, extra=(at,))
     a, b = rec["attachments"]
@@ -163,7 +165,8 @@ def test_no_own_verdict_falls_back_and_timeout_does_not_parse(ctx: FilterContext
     m = make_mail(make_message(attachments=[("a.bin", "application/octet-stream", b"123")]))
     rec = f.build_record(m, Result("relayed", "250 ok", []))
     assert rec["attachments"][0]["sha256"] == hashlib.sha256(b"123").hexdigest()
-    rec = f.build_record(m, Result("tempfailed", "451", [Verdict.tempfail("header_log", "timed out")]))
+    failed = Verdict.tempfail("header_log", "timed out")
+    rec = f.log_record(m, Result("tempfailed", "451", [failed]), failed)
     assert rec["attachments"] == [] and "timed out" in rec["attachments_error"]
 
 
@@ -182,4 +185,4 @@ def test_check_always_relays(ctx: FilterContext) -> None:
     f = HeaderLogFilter(Settings(), ctx)
     v = asyncio.run(f.check(make_mail(make_message())))
     assert v.filter == "header_log" and v.outcome.name == "RELAY"
-    assert v.facts["attachments"] == ()
+    assert v.attachments == ()

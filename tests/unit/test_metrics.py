@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from filters.base import Verdict
+from filters.base import BaseFilter, Reason, ScanState, Verdict
 from gateway import replies
 from gateway.message import Direction, Mail
 from gateway.metrics import Metrics, start_metrics
@@ -44,13 +44,18 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-class FakeFilter:
+class FakeFilter(BaseFilter):
+    """A filter whose dependency check (``health_check = "clamd"``) answers ``health``."""
+
     def __init__(self, name: str, health: tuple[bool, str] | None = None) -> None:
-        self.name = name
+        self.name = name  # type: ignore[misc]
+        self._health = health
         if health is not None:
-            async def check() -> tuple[bool, str]:
-                return health
-            self.health = check
+            self.health_check = "clamd"  # type: ignore[misc]
+
+    async def health(self) -> tuple[bool, str]:
+        assert self._health is not None
+        return self._health
 
 
 def fake_gateway(config: Any, filters: list[Any], sessions: int = 0) -> Any:
@@ -78,10 +83,11 @@ async def test_message_done_counts_by_direction_disposition_and_filter(
     assert before[("mailwarden_messages_total", (("direction", "outbound"), ("disposition", "relayed")))] == 0
     assert before[("mailwarden_filter_verdicts_total", (("filter", "clamav"), ("outcome", "tempfail")))] == 0
 
-    clean = [Verdict.relay("clamav", scan="clean"), Verdict.relay("personal")]
+    clean = [Verdict.relay("clamav", scan=ScanState.CLEAN), Verdict.relay("personal")]
     m.message_done(mail(), Result("relayed", "250 ok", clean, elapsed=0.2,
                                   filter_times={"clamav": 0.03, "personal": 0.001}))
-    down = [Verdict.tempfail("clamav", "clamd unreachable", scan="unscanned"), Verdict.relay("personal")]
+    down = [Verdict.tempfail("clamav", "clamd unreachable", Reason.SCANNER_UNAVAILABLE,
+                             scan=ScanState.UNSCANNED), Verdict.relay("personal")]
     m.message_done(mail(Direction.OUTBOUND), Result("tempfailed", replies.SCANNER_UNAVAILABLE, down,
                                                     filter_times={"clamav": 5.0, "personal": 0.001}))
     m.message_done(mail(), Result("tempfailed", replies.NEXT_HOP_LOST, clean))
