@@ -270,13 +270,13 @@ def describe(item: dict[str, Any], raw: bytes, *, body: bool) -> MessageView:
 
 
 def infected(item: dict[str, Any]) -> str | None:
-    """Why releasing needs ``--force``: a virus finding, or a message clamd
-    could not scan; None otherwise."""
+    """Why releasing needs ``--force``: a scanner's finding (a virus, or a
+    message the scanner could not scan: the stored verdict's ``scan``
+    finding), None otherwise."""
     for v in item["verdicts"]:
-        if isinstance(v, dict) and v.get("filter") == "clamav" and v.get("outcome") != "relay":
-            return str(v.get("virus") or v.get("detail") or "clamav finding")
-    if "clamav" in item["reason"].split(","):
-        return item["detail"] or "clamav finding"
+        if (isinstance(v, dict) and v.get("outcome") != "relay"
+                and (v.get("virus") or v.get("scan") in ("infected", "unscanned"))):
+            return str(v.get("virus") or v.get("detail") or "scanner finding")
     return None
 
 
