@@ -75,7 +75,7 @@ def split_message(raw: bytes) -> tuple[HeaderList, bytes]:
         line_end = n if end < 0 else end
         colon = raw.find(b":", pos, line_end)
         first_eol = raw.find(b"\r\n", pos, line_end)
-        if colon < 0 or (0 <= first_eol < colon) or colon == pos:
+        if colon < 0 or (0 <= first_eol < colon) or colon == pos or b"\0" in raw[pos:colon]:
             raise EditError(f"not a header line: {raw[pos : pos + 40]!r}")
         headers.append((raw[pos:colon], raw[colon + 1 : line_end]))
         if end < 0:
@@ -91,6 +91,8 @@ def join_message(headers: HeaderList, body: bytes) -> bytes:
 
 def wire_value(value: bytes) -> bytes:
     """A header value as sent in a modification request: folds as bare LF."""
+    if b"\0" in value:
+        raise EditError("NUL in an edited header value")
     return value.replace(b"\r\n", b"\n")
 
 
