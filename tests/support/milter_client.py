@@ -70,7 +70,9 @@ class MtaClient:
         try:
             pkt = await self.read(timeout)
         except ConnectionError:
-            return True
+            pkt = None
+        if pkt is None:
+            await self.close()
         return pkt is None
 
     async def final(self, timeout: float = 30) -> list[c.Response]:
