@@ -130,6 +130,7 @@ class MilterSession:
         self.messages = 0
         self._stop = False
         self._busy = False            # inside a transaction (MAIL .. end of message)
+        self._reused = False          # after QUIT_NC: the MTA may negotiate again
         self._dispatch: dict[type, Callable[[Any], Any]] = {
             c.OptNeg: self._optneg, c.Macro: self._macro, c.Connect: self._connect,
             c.Helo: self._helo, c.Mail: self._mail, c.Rcpt: self._rcpt, c.Data: self._data,
@@ -234,8 +235,9 @@ class MilterSession:
     # ------------------------------------------------------------ commands
 
     async def _optneg(self, pkt: c.OptNeg) -> None:
-        if self.negotiated:
+        if self.negotiated and not self._reused:
             raise c.ProtocolError("OPTNEG after negotiation")
+        self._reused = False
         if pkt.version < c.VERSION:
             raise c.ProtocolError(f"MTA speaks milter protocol {pkt.version}, need {c.VERSION}")
         missing = REQUIRED_ACTIONS & ~pkt.actions
@@ -247,6 +249,9 @@ class MilterSession:
         self.protocol = WANTED_PROTOCOL & pkt.protocol
         symlists = SYMLISTS if self.actions & c.SMFIF_SETSYMLIST else ()
         self.negotiated = True
+        log.debug("milter %s: negotiated version %d, actions 0x%x, steps 0x%x (MTA offered"
+                  " 0x%x, 0x%x)", self.peer, c.VERSION, self.actions, self.protocol,
+                  pkt.actions, pkt.protocol)
         await self._send(c.OptNeg(c.VERSION, self.actions, self.protocol, symlists).encode())
 
     async def _macro(self, pkt: c.Macro) -> None:
@@ -261,6 +266,7 @@ class MilterSession:
     async def _connect(self, pkt: c.Connect) -> None:
         if self._busy:
             raise c.ProtocolError("CONNECT inside a message")
+        self._reused = False
         self._connected = pkt
         await self._reply(pkt)
 
@@ -361,6 +367,7 @@ class MilterSession:
 
     async def _quit_nc(self, pkt: c.QuitNC) -> None:
         self._reset_connection()
+        self._reused = True
 
     async def _unknown(self, pkt: c.Unknown) -> None:
         await self._reply(pkt)

@@ -20,6 +20,7 @@ client, the queue (hold queue for quarantine = "hold") and Postfix's log.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import smtplib
 import subprocess
@@ -31,6 +32,7 @@ import pytest
 from gateway.milter import actions as a
 from gateway.milter.api import MilterAnswer, MilterMessage
 from gateway.milter.server import MilterServer, start_milter
+from gateway.milter.session import WANTED_ACTIONS, WANTED_PROTOCOL
 from tests.support.harness import LoopThread, NextHop
 from tests.support.postfix import Postfix, postfix_missing
 
@@ -133,11 +135,12 @@ def milter(loop_thread: LoopThread, pf: Postfix) -> Iterator[Any]:
     """Factory: start the milter listener on Postfix's milter port."""
     started: list[MilterServer] = []
 
-    def start(quarantine_mode: str = "own", progress_interval: float = 10.0) -> SubjectHandler:
+    def start(quarantine_mode: str = "own", progress_interval: float = 10.0,
+              max_message_size: int = 10 << 20) -> SubjectHandler:
         handler = SubjectHandler()
         srv = loop_thread.call(start_milter(
             f"127.0.0.1:{pf.filter_port}", handler, quarantine_mode=quarantine_mode,
-            progress_interval=progress_interval, max_message_size=10 << 20))
+            progress_interval=progress_interval, max_message_size=max_message_size))
         started.append(srv)
         return handler
 
@@ -193,8 +196,9 @@ def queued(pf: Postfix) -> list[dict[str, Any]]:
     return pf.queue()
 
 
-def test_clean_and_edited_mail_delivered_byte_exact(pf: Postfix, milter: Any,
-                                                     relay: NextHop) -> None:
+def test_clean_and_edited_mail_delivered_byte_exact(pf: Postfix, milter: Any, relay: NextHop,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "mailwarden.milter")
     handler = milter()
     big = b"".join(b"line %05d of a long report\r\n" % i for i in range(3000))  # ~87 KB
     assert len(big) > 65535
@@ -223,6 +227,23 @@ def test_clean_and_edited_mail_delivered_byte_exact(pf: Postfix, milter: Any,
     assert m1.auth_authen == ""
     for m in (m1, m2):
         assert m.queue_id and re.search(rf"{m.queue_id}: message-id=", pf.log()), m.queue_id
+    # Postfix granted every step mailwarden skips (no per-header replies, ...)
+    neg = [r.getMessage() for r in caplog.records if "negotiated" in r.getMessage()]
+    assert neg and all(f"steps 0x{WANTED_PROTOCOL:x} " in line for line in neg), neg
+    assert all(f"actions 0x{WANTED_ACTIONS:x}," in line for line in neg), neg
+
+
+def test_over_max_message_size_is_552_at_the_client(pf: Postfix, milter: Any,
+                                                   relay: NextHop) -> None:
+    handler = milter(max_message_size=50_000)
+    with smtp(pf) as s:
+        code, text = send(s, message("plain big", (b"x" * 70 + b"\r\n") * 1000))
+        assert (code, text) == (552, "5.3.4 message size exceeds fixed limit (50000 bytes)")
+        code, text = send(s, message("plain small"))
+        assert code == 250, text
+    got = relay.wait_for(1)
+    assert [after_received(m.data) for m in got] == [message("plain small")]
+    assert [m.raw for m in handler.messages] == [message("plain small")]
 
 
 def test_reject_tempfail_and_a_broken_handler_at_the_smtp_client(

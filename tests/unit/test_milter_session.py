@@ -252,6 +252,11 @@ async def test_quit_nc_reuses_the_socket_for_a_new_smtp_connection(served) -> No
     assert (one.client_addr, one.helo) == ("192.0.2.1", "one.test")
     assert (two.client_addr, two.helo, two.client_name) == ("198.51.100.2", "two.test", "two.test")
     assert "daemon_name" not in two.macros                  # connection macros were reset
+    # after QUIT_NC the MTA may also negotiate again
+    await cl.send(c.QuitNC())
+    await cl.negotiate()
+    await cl.connect()
+    assert await _message(cl) == [c.Accept()]
     await cl.send(c.Quit())
     assert await cl.closed()
 
