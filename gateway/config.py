@@ -166,6 +166,37 @@ class StoreSettings:
     log_flush_interval: float = field(default=0.5, metadata=_check(positive))
 
 
+def check_milter_listen(value: str) -> str:
+    """``""`` (off), ``host:port`` or ``unix:/absolute/path``."""
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ValueError(f"bad address {value!r}: expected unix:/absolute/path")
+        return value
+    if value:
+        parse_hostport(value)
+    return value
+
+
+def check_progress_interval(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    if value >= 300:
+        raise ValueError("must be below 300 (Postfix's default milter_content_timeout)")
+    return value
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    #: "host:port" or "unix:/path"; "" = the milter front end is off
+    listen: str = field(default="", metadata=_check(check_milter_listen))
+    #: own: mailwarden's quarantine, then DISCARD; hold: also Postfix's hold queue
+    #: (SMFIR_QUARANTINE, then ACCEPT)
+    quarantine: Literal["own", "hold"] = "own"
+    #: seconds between SMFIR_PROGRESS while a message is being decided; keep it
+    #: well below Postfix's milter_content_timeout
+    progress_interval: float = field(default=10.0, metadata=_check(check_progress_interval))
+
+
 @dataclass(frozen=True)
 class Config:
     gateway: GatewaySettings
@@ -173,6 +204,7 @@ class Config:
     chain: tuple[str, ...]
     filters: Mapping[str, Any]  # filter name -> its Settings instance
     path: str = "config.toml"
+    milter: MilterSettings = field(default_factory=MilterSettings)
 
     def filter_settings(self, name: str) -> Any:
         return self.filters[name]
@@ -294,12 +326,13 @@ def parse_config(data: Mapping[str, Any], path: str = "config.toml") -> Config:
 
 def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> Config:
     for key in data:
-        if key not in ("gateway", "store", "filters"):
+        if key not in ("gateway", "store", "filters", "milter"):
             raise ConfigError(f"{key}: unknown key")
     gateway = build_settings(
         GatewaySettings, data.get("gateway"), "gateway", required=("internal_domains",)
     )
     store = build_settings(StoreSettings, data.get("store"), "store")
+    milter = build_settings(MilterSettings, data.get("milter"), "milter")
     fdata = data.get("filters", {})
     if not isinstance(fdata, dict):
         raise ConfigError("filters: expected a table")
@@ -322,7 +355,8 @@ def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> C
         name: build_settings(cls.Settings, fdata.get(name), f"filters.{name}")
         for name, cls in registry.items()
     }
-    return Config(gateway, store, tuple(chain_raw), types.MappingProxyType(settings), path)
+    return Config(gateway, store, tuple(chain_raw), types.MappingProxyType(settings), path,
+                  milter=milter)
 
 
 def resolve_path(path: str | None) -> str:

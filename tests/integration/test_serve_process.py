@@ -106,6 +106,12 @@ def test_sighup_with_bad_config_keeps_serving(served, next_hop, tmp_path):
         ("[filters]\nchain = [\"clamav\", \"antispam\"]", "filters.chain: unknown filter 'antispam'"),
         ("[filters.clamv]\naction = \"reject\"", "filters.clamv: unknown key"),
         ("[bogus]\nx = 1", "bogus: unknown key"),
+        ("[milter]\nlisten_adress = \"x\"", "milter.listen_adress: unknown key"),
+        ("[milter]\nlisten = \"nope\"", "milter.listen: bad address"),
+        ("[milter]\nlisten = \"unix:relative.sock\"", "milter.listen: bad address"),
+        ("[milter]\nquarantine = \"drop\"", "milter.quarantine: must be one of 'own', 'hold'"),
+        ("[milter]\nprogress_interval = 0", "milter.progress_interval: must be greater than 0"),
+        ("[milter]\nprogress_interval = \"10s\"", "milter.progress_interval: expected a number"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, extra: str, key: str):

@@ -46,11 +46,12 @@ POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
 POSTCONF = "/usr/sbin/postconf"
 
-#: The ports the shipped snippets use (mailwarden, re-injection).
+#: The ports the shipped snippets use (mailwarden, re-injection, mailwarden's milter).
 SNIPPET_FILTER_PORT = 10025
 SNIPPET_REINJECT_PORT = 10026
+SNIPPET_MILTER_PORT = 10027
 
-Mode = Literal["after-queue", "before-queue"]
+Mode = Literal["after-queue", "before-queue", "milter"]
 
 BASE_MAIN_CF = """\
 # private test instance (tests/support/postfix.py)
@@ -146,7 +147,9 @@ def adapt_master_cf(text: str, *, smtpd_port: int, filter_port: int, reinject_po
 
 
 def adapt_main_cf(text: str, *, filter_port: int) -> str:
-    """The shipped main.cf snippet with the run-time mailwarden port."""
+    """The shipped main.cf snippet with the run-time mailwarden port (the
+    milter snippet: the milter listens there)."""
+    text = text.replace(f"inet:127.0.0.1:{SNIPPET_MILTER_PORT}", f"inet:127.0.0.1:{filter_port}")
     return text.replace(f"[127.0.0.1]:{SNIPPET_FILTER_PORT}", f"[127.0.0.1]:{filter_port}")
 
 
@@ -156,10 +159,14 @@ class Postfix:
     ``port`` is the public smtpd (where swaks connects), ``filter_port`` the
     port mailwarden must listen on, ``reinject_port`` mailwarden's next hop;
     after-queue only: ``submission_port``, an smtpd using the
-    ``mailwarden-submission`` transport (no XFORWARD).
+    ``mailwarden-submission`` transport (no XFORWARD).  Milter mode: the
+    stock public smtpd with the snippet's ``smtpd_milters`` pointing at
+    ``filter_port`` (there is no re-injection port); ``extra_main_cf`` is
+    appended last (a test's overrides).
     """
 
-    def __init__(self, mode: Mode, *, relay_to: int, filter_port: int | None = None) -> None:
+    def __init__(self, mode: Mode, *, relay_to: int, filter_port: int | None = None,
+                 extra_main_cf: str = "") -> None:
         missing = postfix_missing()
         if missing:
             raise RuntimeError(missing)
@@ -174,6 +181,7 @@ class Postfix:
         self.relay_port = relay_to
         self.maillog = self.root / "log" / "maillog"
         self.running = False
+        self.extra_main_cf = extra_main_cf
         self.write_config()
 
     # ------------------------------------------------------------ config
@@ -189,7 +197,16 @@ class Postfix:
         main = BASE_MAIN_CF.format(root=self.root, relay_port=self.relay_port)
         main += "\n# ---- " + str(snippets / "main.cf") + "\n"
         main += adapt_main_cf((snippets / "main.cf").read_text(), filter_port=self.filter_port)
+        if self.extra_main_cf:
+            # an override replaces the earlier entry (postconf warns about duplicates)
+            keys = {line.split("=", 1)[0].strip() for line in self.extra_main_cf.splitlines()
+                    if "=" in line and not line.lstrip().startswith("#")}
+            main = "\n".join(line for line in main.splitlines()
+                             if line.split("=", 1)[0].strip() not in keys or line[:1].isspace())
+            main += "\n# ---- test overrides\n" + self.extra_main_cf + "\n"
         master = BASE_MASTER_CF
+        if self.mode == "milter":
+            master += f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
         if self.mode == "after-queue":
             # The public smtpd is the stock one; the snippet adds the rest.
             # A "submission" smtpd uses the snippet's mailwarden-submission
@@ -200,8 +217,9 @@ class Postfix:
                 "  -o syslog_name=postfix/submission\n"
                 f"  -o content_filter=mailwarden-submission:[127.0.0.1]:{SNIPPET_FILTER_PORT}\n"
             )
-        master += "# ---- " + str(snippets / "master.cf") + "\n"
-        master += (snippets / "master.cf").read_text()
+        if (snippets / "master.cf").exists():
+            master += "# ---- " + str(snippets / "master.cf") + "\n"
+            master += (snippets / "master.cf").read_text()
         master = adapt_master_cf(
             master, smtpd_port=self.port, filter_port=self.filter_port,
             reinject_port=self.reinject_port,
@@ -235,7 +253,8 @@ class Postfix:
         self._run(POSTFIX, "-c", str(self.config_dir), "start", timeout=timeout)
         self.running = True
         deadline = time.monotonic() + timeout
-        for port in (self.port, self.reinject_port):
+        ports = (self.port,) if self.mode == "milter" else (self.port, self.reinject_port)
+        for port in ports:
             while not _accepts(port):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"postfix does not listen on {port}:\n{self.log_tail()}")
