@@ -120,7 +120,8 @@ def _check(fn: Callable[[Any], Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    listen: str = field(default="127.0.0.1:10025", metadata=_check(check_hostport))
+    #: the SMTP proxy's "host:port"; "" = off (the milter front end only)
+    listen: str = field(default="127.0.0.1:10025", metadata=_check(check_optional_hostport))
     next_hop: str = field(default="127.0.0.1:10026", metadata=_check(check_hostport))
     hostname: str = "mailwarden.example.com"
     internal_domains: tuple[str, ...] = field(default=(), metadata=_check(check_domains))
@@ -333,6 +334,8 @@ def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> C
     )
     store = build_settings(StoreSettings, data.get("store"), "store")
     milter = build_settings(MilterSettings, data.get("milter"), "milter")
+    if not gateway.listen and not milter.listen:
+        raise ConfigError('gateway.listen: "" (off) needs milter.listen: nothing would listen')
     fdata = data.get("filters", {})
     if not isinstance(fdata, dict):
         raise ConfigError("filters: expected a table")

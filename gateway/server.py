@@ -519,6 +519,7 @@ class Gateway:
         self.in_flight: set[asyncio.Future[Any]] = set()
         self.closing = False
         self.server: asyncio.base_events.Server | None = None
+        self.milter: Any = None  # gateway.milter.server.MilterServer when [milter] listen is set
         self.state = State(config, self._pipeline(config))
         self.started = time.time()
 
@@ -562,21 +563,72 @@ class Gateway:
             timeout=gw.session_timeout,
         )
 
-    async def start(self) -> tuple[str, int]:
-        host, port = parse_hostport(self.config.gateway.listen)
+    async def start(self) -> tuple[str, int] | None:
+        """Start the front ends that are configured: the SMTP proxy
+        (``gateway.listen``; its bound address is returned, None when off)
+        and the milter listener (``milter.listen``).  OSError (naming the
+        key) when one cannot listen; nothing is left listening then."""
         self._tls = self._tls_context()
+        addr: tuple[str, int] | None = None
+        if self.config.gateway.listen:
+            host, port = parse_hostport(self.config.gateway.listen)
+            loop = asyncio.get_running_loop()
+            try:
+                self.server = await loop.create_server(self._factory, host=host, port=port,
+                                                       backlog=512)
+            except OSError as exc:
+                raise OSError(exc.errno, f"gateway.listen {self.config.gateway.listen}: "
+                                         f"{exc.strerror or exc}") from exc
+            sock = self.server.sockets[0].getsockname()
+            addr = (sock[0], sock[1])
+            log.info("listening on %s:%s, next hop %s, chain %s", sock[0], sock[1],
+                     self.config.gateway.next_hop, ",".join(self.config.chain) or "(empty)")
+        if self.config.milter.listen:
+            try:
+                await self._start_milter()
+            except OSError:
+                if self.server is not None:
+                    self.server.close()
+                raise
+        return addr
+
+    async def _start_milter(self) -> None:
+        from gateway.milter.frontend import milter_handler
+        from gateway.milter.server import start_milter
+
+        m, gw = self.config.milter, self.config.gateway
+        decide = milter_handler(lambda: self.state, self.clock, new_queue_id)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._factory, host=host, port=port, backlog=512)
-        sock = self.server.sockets[0].getsockname()
-        log.info("listening on %s:%s, next hop %s, chain %s", sock[0], sock[1],
-                 self.config.gateway.next_hop, ",".join(self.config.chain) or "(empty)")
-        return sock[0], sock[1]
+
+        async def handle(msg: Any) -> Any:
+            # In flight like an SMTP transaction: a reload or stop waits for it.
+            done: asyncio.Future[None] = loop.create_future()
+            self.in_flight.add(done)
+            try:
+                return await decide(msg)
+            finally:
+                done.set_result(None)
+                self.in_flight.discard(done)
+
+        try:
+            self.milter = await start_milter(
+                m.listen, handle, quarantine_mode=m.quarantine,
+                progress_interval=m.progress_interval, max_message_size=gw.max_message_size,
+                max_connections=gw.max_sessions, drain_timeout=gw.drain_timeout,
+                handler_timeout=gw.filter_timeout + 2 * gw.next_hop_timeout + 30,
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"milter.listen {m.listen}: {exc.strerror or exc}") from exc
+        log.info("milter listening on %s (quarantine=%s), chain %s", self.milter.listen_text,
+                 m.quarantine, ",".join(self.config.chain) or "(empty)")
 
     async def reload(self, config: Config) -> None:
         """Swap in a new config and chain; sessions in flight keep the old one."""
         old = self.state
         if config.gateway.listen != old.config.gateway.listen:
             log.warning("gateway.listen changed: takes effect on restart only")
+        if config.milter != old.config.milter:
+            log.warning("[milter] changed: takes effect on restart only")
         self.state = State(config, self._pipeline(config))
         self._tls = self._tls_context()
         log.info("configuration reloaded; chain %s", ",".join(config.chain) or "(empty)")
@@ -590,6 +642,8 @@ class Gateway:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self.milter is not None:
+            self.milter.close()  # finishes the messages in flight (drain_timeout)
         deadline = asyncio.get_running_loop().time() + self.config.gateway.drain_timeout
         # Idle sessions (no transaction under way) are told and closed now;
         # sessions in a transaction get until the drain deadline.
@@ -617,6 +671,8 @@ class Gateway:
                 s.transport.close()
         if self.server is not None:
             await self.server.wait_closed()
+        if self.milter is not None:
+            await self.milter.wait_closed()
         await self.state.pipeline.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

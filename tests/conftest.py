@@ -58,10 +58,11 @@ def make_gateway(tmp_path: Path, next_hop: NextHop) -> Iterator[Callable[..., Ga
         store: dict[str, Any] | None = None,
         dns_txt: Any = None,
         next_hop_address: str | None = None,
+        milter: dict[str, Any] | None = None,
     ) -> Gateway:
         cfg = test_config(
             tmp_path, next_hop_address or next_hop.address, chain=chain, filters=filters,
-            gateway=gateway, store=store,
+            gateway=gateway, store=store, milter=milter,
         )
         gw = Gateway(cfg, dns_txt=dns_txt)
         started.append(gw)

@@ -220,6 +220,7 @@ def test_config(
     filters: Mapping[str, Mapping[str, Any]] | None = None,
     gateway: Mapping[str, Any] | None = None,
     store: Mapping[str, Any] | None = None,
+    milter: Mapping[str, Any] | None = None,
 ) -> Config:
     """A Config for tests: port 0, temp store, the given chain."""
     data: dict[str, Any] = {
@@ -235,6 +236,8 @@ def test_config(
         "store": {"path": str(tmp_path / "store"), "log_flush_interval": 0.05, **(store or {})},
         "filters": {"chain": list(chain), **{k: dict(v) for k, v in (filters or {}).items()}},
     }
+    if milter is not None:
+        data["milter"] = dict(milter)
     return parse_config(data, "test-config.toml")
 
 
@@ -273,7 +276,8 @@ class Gateway:
             addr = await gw.start()
             return gw, store, addr
 
-        self.server, self.store, (self.host, self.port) = self._lt.call(go())
+        self.server, self.store, addr = self._lt.call(go())
+        self.host, self.port = addr or ("", 0)  # no SMTP front end: milter only
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return self._lt.call(coro, timeout)

@@ -44,3 +44,16 @@ def test_bad_values_are_one_line_naming_the_key(milter: dict, error: str) -> Non
 def test_the_shipped_config_has_the_section_with_its_defaults() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "config.toml")
     assert cfg.milter == MilterSettings()
+
+
+def test_the_smtp_proxy_may_be_off_when_the_milter_listens() -> None:
+    cfg = parse_config({"gateway": {"internal_domains": ["example.com"], "listen": ""},
+                        "milter": {"listen": "unix:/run/mailwarden/milter.sock"}})
+    assert cfg.gateway.listen == "" and cfg.milter.listen.startswith("unix:")
+
+
+def test_nothing_listening_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"gateway": {"internal_domains": ["example.com"], "listen": ""}})
+    assert str(info.value).startswith("config.toml: gateway.listen: ")
+    assert "milter.listen" in str(info.value) and "\n" not in str(info.value)
