@@ -25,6 +25,7 @@ import email.policy
 import json
 import re
 import smtplib
+import socket
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from tests.support.dns import LoopbackDNS
 from tests.support.eicar import EICAR_NAME, eicar
 from tests.support.harness import Gateway, NextHop, make_message
 from tests.support.postfix import Postfix, postfix_missing
+from tests.support.process import GatewayProcess, write_config
 
 pytestmark = pytest.mark.postfix
 
@@ -168,8 +170,12 @@ def test_relayed_through_the_milter_exactly_as_through_the_proxy(
     assert out.startswith(b"X-Mailwarden-Scan: clean\r\n")
     assert b"Subject: [EXTERNAL] contract draft" in out
     assert b"X-Mailwarden-External: attachments; sender=unidentified" in out
-    text = email.message_from_bytes(out, policy=email.policy.default).get_body(("plain",))
-    assert text is not None and "CAUTION" in text.get_content()  # the banner (REPLBODY)
+    parsed = email.message_from_bytes(out, policy=email.policy.default)
+    for kind in ("plain", "html"):  # the banner in both text parts (REPLBODY)
+        part = parsed.get_body((kind,))
+        assert part is not None and "CAUTION" in part.get_content(), kind
+    assert out.startswith(b"X-Mailwarden-Scan: clean\r\n")
+    assert b"\r\nAuthentication-Results: mailwarden.test; dkim=none" in out
     [milter_rec, proxy_rec] = log_records(gw)
     assert milter_rec["disposition"] == "relayed" and milter_rec["direction"] == "inbound"
     assert re.search(rf"\b{milter_rec['queue_id']}: ", pf.log())  # Postfix's own queue id
@@ -224,6 +230,20 @@ def test_virus_with_action_reject_gets_the_proxys_554(
     assert log_records(gw)[0]["disposition"] == "rejected"
 
 
+def test_a_blocked_attachment_with_action_reject_gets_the_proxys_554(
+        make_gateway: Callable[..., Gateway], pf: Postfix, delivered: NextHop) -> None:
+    gw = make_gateway(chain=["attachment_types", "header_log"],
+                      filters={"attachment_types": {"action": "reject"}},
+                      gateway={"trusted_networks": ["10.255.255.0/24"]},
+                      milter={"listen": f"127.0.0.1:{pf.filter_port}"})
+    raw = message(attachments=[("tool.exe", "application/octet-stream",
+                                b"MZ\x90\x00" + b"\x00" * 200)])
+    code, text = through_postfix(pf, raw)
+    expected = replies.ATTACHMENT_REJECTED.format("tool.exe")
+    assert (code, text) == (int(expected[:3]), expected[4:]), text
+    assert delivered.messages == [] and quarantine_rows(gw) == [] and pf.queue() == []
+
+
 def test_clamd_down_is_the_proxys_451_and_nothing_is_delivered(
         milter_gateway: Callable[..., Gateway], pf: Postfix, delivered: NextHop,
         tmp_path: Path) -> None:
@@ -247,3 +267,54 @@ def test_direction_comes_from_the_client_address_macro(
     out = after_received(msg.data)
     assert b"X-Mailwarden-External" not in out and b"[EXTERNAL]" not in out
     assert log_records(gw)[0]["direction"] == "outbound"
+
+
+def test_mailwarden_killed_mid_body_leaves_the_message_with_the_sender(
+        pf: Postfix, delivered: NextHop, next_hop: NextHop, clamd: Clamd,
+        tmp_path: Path) -> None:
+    """kill -9 while Postfix is taking the body: the client gets Postfix's 4xx
+    (milter_default_action = tempfail), Postfix keeps nothing, and the same
+    message sent again once mailwarden is back is delivered: nothing lost."""
+    config, _port = write_config(
+        tmp_path / "config.toml", store=tmp_path / "store", next_hop=next_hop.address,
+        chain=["clamav", "personal", "header_log"], gateway={"trusted_networks": ["10.9.9.0/24"]},
+        filters={"clamav": {"address": clamd.socket}},
+        milter={"listen": f"127.0.0.1:{pf.filter_port}"},
+    )
+    served = GatewayProcess(config, _port, tmp_path / "serve.log").start()
+    raw = message(body="body line\n" * 60000, html=None, attachments=[])
+    body_at = raw.index(b"\r\n\r\n") + 4
+    try:
+        with socket.create_connection(("127.0.0.1", pf.port), timeout=120) as s:
+            f = s.makefile("rb")
+
+            def command(line: bytes) -> bytes:
+                s.sendall(line + b"\r\n")
+                reply = f.readline()
+                while reply[3:4] == b"-":
+                    reply = f.readline()
+                return reply
+
+            assert f.readline().startswith(b"220")
+            assert command(b"EHLO client.sender.test").startswith(b"250")
+            assert command(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
+            assert command(b"RCPT TO:<bob@example.com>").startswith(b"250")
+            assert command(b"DATA").startswith(b"354")
+            half = body_at + (len(raw) - body_at) // 2
+            s.sendall(raw[:half])  # the headers and half the body are in flight
+            served.kill()          # SIGKILL: no goodbye to Postfix
+            s.sendall(raw[half:] + b".\r\n")
+            reply = f.readline()
+        assert reply.startswith(b"4"), reply  # the sender keeps it and tries again
+    finally:
+        if served.proc is not None and served.proc.poll() is None:
+            served.kill()
+    assert delivered.messages == [] and pf.queue() == []
+    again = GatewayProcess(config, _port, tmp_path / "serve2.log").start()
+    try:
+        code, text = through_postfix(pf, raw)
+        assert code == 250, text
+        [msg] = delivered.wait_for(1)
+        assert after_received(msg.data).endswith(raw[body_at:])
+    finally:
+        again.stop()

@@ -59,6 +59,7 @@ def write_config(
     gateway: Mapping[str, Any] | None = None,
     filters: Mapping[str, Mapping[str, Any]] | None = None,
     store_extra: Mapping[str, Any] | None = None,
+    milter: Mapping[str, Any] | None = None,
 ) -> tuple[Path, int]:
     port = listen_port or free_port()
     data = {
@@ -74,6 +75,8 @@ def write_config(
         "store": {"path": str(store), "log_flush_interval": 0.05, **(store_extra or {})},
         "filters": {"chain": list(chain or []), **{k: dict(v) for k, v in (filters or {}).items()}},
     }
+    if milter is not None:
+        data["milter"] = dict(milter)
     path.write_text(to_toml(data))
     return path, port
 
