@@ -437,7 +437,7 @@ def test_a_store_this_user_cannot_read(tmp_path: Path, make_gateway: Any,
             why = other_user_install.probe("nobody")
             if why is not None:  # only where the base interpreter is out of its reach
                 pytest.skip(f"user nobody cannot start {other_user_install.python}: {why}")
-            proc = other_user_install.run_as("nobody", "gateway.cli", "quarantine", "list",
+            proc = other_user_install.run_as("nobody", "cli", "quarantine", "list",
                                              "--config", str(config))
         else:
             os.chmod(gw.store_path, 0)
