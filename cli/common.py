@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -187,12 +186,14 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, create: bool = False,
     Errors end the command with one line on stderr, never a traceback: a
     :class:`~quarantine.review.Refusal` with its own status (2: the command
     line lacks something; 1: the store or item does not allow it); a store
-    that is missing, unreadable or broken (StoreError, a database or OS
-    error, permission denied) exits 1.  A reader that went away (``| head``)
-    ends it quietly with status 1.
+    that is missing, unreadable or broken exits 1: the backend raises
+    :class:`~quarantine.store.StoreError` (NotFound and OnHold are kinds of
+    it) for every database error, never its driver's exceptions; an OS error
+    (a message file, an output file) exits 1 too.  A reader that went away
+    (``| head``) ends it quietly with status 1.
     """
     from quarantine.review import Refusal
-    from quarantine.store import Store, StoreError
+    from quarantine.store import NotFound, OnHold, Store, StoreError
 
     config = get_config(ctx)
 
@@ -213,10 +214,12 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, create: bool = False,
         code = asyncio.run(go())
     except Refusal as exc:
         fail(exc.message, exc.code)
+    except NotFound as exc:
+        fail(f"no quarantine item {exc}", 1)
+    except OnHold as exc:
+        fail(f"quarantine item {exc} is under legal hold; unhold it first", 1)
     except StoreError as exc:
         fail(str(exc), 1)
-    except sqlite3.Error as exc:
-        fail(f"store {config.store.path}: {exc}", 1)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import aiosqlite
 import click
 
 from cli.common import Group, config_option, run_with_store
@@ -137,7 +136,7 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
         try:
             await store.audit("log export", targets=targets, filters=filters,
                               detail={"up_to_seq": query.up_to})
-        except (aiosqlite.Error, OSError) as exc:
+        except StoreError as exc:
             _err(f"cannot write the audit row, nothing exported: {exc}")
             return 1
         audited = True
@@ -201,7 +200,7 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
             click.echo(f"sha256 {result.sha256}  {output}  {result.rows} records", err=True)
         status = "complete"
         return 0
-    except (StoreError, aiosqlite.Error) as exc:
+    except StoreError as exc:
         _err(str(exc))
         return 1
     finally:
@@ -217,7 +216,7 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
                             "rows": result.rows if result else None,
                             "sha256": result.sha256 if result else None},
                 )
-        except (aiosqlite.Error, OSError) as exc:
+        except StoreError as exc:
             _err(f"could not record the end of the export in the audit trail: {exc}")
 
 
@@ -274,7 +273,7 @@ async def _stats(store: Store, query: logmod.LogQuery, as_json: bool) -> int:
         await store.audit("log stats", targets=[query.address] if query.address else [],
                           filters=query.filters(), detail={"up_to_seq": query.up_to})
         rows = await logmod.stats(store, query)
-    except (StoreError, aiosqlite.Error, OSError) as exc:
+    except StoreError as exc:
         _err(str(exc))
         return 1
     if as_json:
