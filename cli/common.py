@@ -119,6 +119,14 @@ class Group(click.Group):
         except click.UsageError as exc:
             raise _one_line(exc, _command_name(ctx)) from None
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # "Missing command." (options but no subcommand); the subcommands'
+        # own errors are one line already and pass through unchanged.
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc, _command_name(ctx)) from None
+
 
 def check_one_line(group: click.Group, path: str = "mailwarden") -> list[str]:
     """Commands below ``group`` that would print click's multi-line usage
