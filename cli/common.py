@@ -181,15 +181,15 @@ def get_config(ctx: click.Context, *, chain: bool = False) -> Config:
 # ------------------------------------------------------------ store runner
 
 
-def run_with_store(ctx: click.Context, body: StoreBody, *, create: bool = False,
-                   log_writer: bool = False) -> NoReturn:
+def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False) -> NoReturn:
     """Open the store, run ``body(store, config)``, close the store, exit with
     the body's status.  Every command that opens the store goes through here.
 
-    ``create``: make the store when it is missing (``serve``); every other
-    command refuses a missing store rather than create an empty one.
-    ``log_writer``: open it with ``[store]``'s log batching and start the
-    header log's writer (``serve``).
+    Every command but ``serve`` refuses a missing store rather than create an
+    empty one.  ``serving`` (``serve``): create the store when it is missing,
+    open it with ``[store]``'s log batching, start the header log's writer,
+    and report an error as a log line (``... ERROR mailwarden: ...``), like
+    everything else ``serve`` says.
 
     Errors end the command with one line on stderr, never a traceback: a
     :class:`~quarantine.review.Refusal` with its own status (2: the command
@@ -205,14 +205,20 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, create: bool = False,
 
     config = get_config(ctx)
 
+    def failed(message: str, code: int) -> NoReturn:
+        if serving:
+            logging.getLogger("mailwarden").error("%s", message)
+            sys.exit(code)
+        fail(message, code)
+
     async def go() -> int:
         tuning: dict[str, Any] = {}
-        if log_writer:
+        if serving:
             tuning = {"batch_size": config.store.log_batch_size,
                       "flush_interval": config.store.log_flush_interval}
-        store = await Store.open(config.store.path, create=create, **tuning)
+        store = await Store.open(config.store.path, create=serving, **tuning)
         try:
-            if log_writer:
+            if serving:
                 store.start_log_writer()
             return await body(store, config) or 0
         finally:
@@ -221,20 +227,20 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, create: bool = False,
     try:
         code = asyncio.run(go())
     except Refusal as exc:
-        fail(exc.message, exc.code)
+        failed(exc.message, exc.code)
     except NotFound as exc:
-        fail(f"no quarantine item {exc}", 1)
+        failed(f"no quarantine item {exc}", 1)
     except OnHold as exc:
-        fail(f"quarantine item {exc} is under legal hold; unhold it first", 1)
+        failed(f"quarantine item {exc} is under legal hold; unhold it first", 1)
     except StoreError as exc:
-        fail(str(exc), 1)
+        failed(str(exc), 1)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
     except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename or config.store.path}", 1)
+        failed(f"{exc.strerror or exc}: {exc.filename or config.store.path}", 1)
     sys.exit(code)
 
 

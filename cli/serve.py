@@ -38,7 +38,7 @@ def serve(ctx: click.Context, log_level: str) -> None:
     """
     get_config(ctx, chain=True)
     setup_logging(log_level)
-    run_with_store(ctx, _serve, create=True, log_writer=True)
+    run_with_store(ctx, _serve, serving=True)
 
 
 async def _serve(store: Store, config: Config) -> int:
