@@ -69,8 +69,14 @@ def _command_name(ctx: click.Context | None, info_name: str | None = None) -> st
     return " ".join(reversed([n for n in names if n]))
 
 
+#: click >= 8.2: a group run with nothing after it shows its help (exit 2).
+_HELP_REQUEST: tuple[type[Exception], ...] = tuple(
+    filter(None, [getattr(click.exceptions, "NoArgsIsHelpError", None)])
+)
+
+
 def _one_line(exc: click.UsageError, name: str) -> click.UsageError:
-    if isinstance(exc, _OneLineUsage) or type(exc).__name__ == "NoArgsIsHelpError":
+    if isinstance(exc, (_OneLineUsage, *_HELP_REQUEST)):
         return exc
     out = _OneLineUsage(f"{name + ': ' if name else ''}{exc.format_message()} (see --help)")
     out.exit_code = 2
