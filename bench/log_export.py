@@ -47,9 +47,8 @@ sys.path.insert(0, str(REPO))
 from filters.header_log import TIME_FORMAT, address_digest  # noqa: E402
 from quarantine.store import DB_NAME, GENESIS, Store, canonical, chain_hash  # noqa: E402
 
-#: The real CLI, the way the console script runs it (``python -m gateway.cli``
-#: would import gateway.cli twice).
-MAILWARDEN = [sys.executable, "-c", "from gateway.cli import main; main()"]
+#: The real CLI, the way the console script runs it.
+MAILWARDEN = [sys.executable, "-c", "from cli import main; main()"]
 
 BUSY = "staff7@example.com"
 

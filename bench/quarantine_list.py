@@ -33,9 +33,9 @@ from quarantine import review  # noqa: E402
 from quarantine.store import Store, iso, new_quarantine_id  # noqa: E402
 
 #: The real CLI: the installed console script next to this interpreter, else
-#: ``python -m gateway.cli``.
+#: ``python -m cli``.
 _SCRIPT = Path(sys.executable).with_name("mailwarden")
-MAILWARDEN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gateway.cli"]
+MAILWARDEN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli"]
 
 REASONS = ["clamav", "attachment_types", "attachment_types,clamav", "personal"]
 

@@ -786,7 +786,7 @@ _PLUMBING = ("<module> ", "main ", "run ", "_run_module_as_main ", "_run_code ",
              "BaseEventLoop.run_forever ", "BaseEventLoop.run_until_complete ",
              "BaseEventLoop._run_once ", "Handle._run ", "Thread.run ", "Thread._bootstrap",
              "_worker ", "_WorkItem.run ", "Command.", "Group.invoke ", "Context.invoke ",
-             "pass_context.", "serve (gateway/cli.py", "_serve (gateway/cli.py")
+             "pass_context.", "serve (cli/serve.py", "_serve (cli/serve.py")
 
 
 def _plumbing(frame: str) -> bool:

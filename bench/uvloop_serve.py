@@ -15,7 +15,7 @@ import uvloop
 
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
-from gateway.cli import main  # noqa: E402  (the policy must be in place first)
+from cli import main  # noqa: E402  (the policy must be in place first)
 
 if __name__ == "__main__":
     main()

@@ -7,18 +7,33 @@ resolved chain.
 
 from __future__ import annotations
 
-from filters.attachment_types import AttachmentTypesFilter
-from filters.clamav import ClamAVFilter
-from filters.external_attachments import ExternalAttachmentsFilter
-from filters.header_log import HeaderLogFilter
-from filters.personal import PersonalFilter
+import importlib
+from typing import Any
 
-REGISTRY: dict[str, type] = {
-    ClamAVFilter.name: ClamAVFilter,
-    AttachmentTypesFilter.name: AttachmentTypesFilter,
-    ExternalAttachmentsFilter.name: ExternalAttachmentsFilter,
-    PersonalFilter.name: PersonalFilter,
-    HeaderLogFilter.name: HeaderLogFilter,
+#: Chain name -> the class that implements it.  The modules import their
+#: scanners (libmagic, pyclamd, dkimpy, olefile, ...), so they are imported
+#: on first use of ``REGISTRY`` (serve, check), not by the CLI commands that
+#: never scan mail.
+FILTERS: dict[str, str] = {
+    "clamav": "filters.clamav:ClamAVFilter",
+    "attachment_types": "filters.attachment_types:AttachmentTypesFilter",
+    "external_attachments": "filters.external_attachments:ExternalAttachmentsFilter",
+    "personal": "filters.personal:PersonalFilter",
+    "header_log": "filters.header_log:HeaderLogFilter",
 }
 
-__all__ = ["REGISTRY"]
+REGISTRY: dict[str, type]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "REGISTRY":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    registry: dict[str, type] = {}
+    for key, target in FILTERS.items():
+        module, cls = target.split(":")
+        registry[key] = getattr(importlib.import_module(module), cls)
+    globals()["REGISTRY"] = registry
+    return registry
+
+
+__all__ = ["FILTERS", "REGISTRY"]

@@ -315,12 +315,21 @@ def build_settings(cls: type, data: Any, prefix: str, required: tuple[str, ...] 
         raise ConfigError(f"{prefix}: {exc}") from None
 
 
-def parse_config(data: Mapping[str, Any], path: str = "config.toml") -> Config:
-    """Build a :class:`Config` from an already-parsed TOML document."""
-    from filters import REGISTRY
+def parse_config(data: Mapping[str, Any], path: str = "config.toml", *,
+                 with_filters: bool = True) -> Config:
+    """Build a :class:`Config` from an already-parsed TOML document.
 
+    ``with_filters=False`` checks the filter names (chain and sections) but
+    builds no filter settings (``Config.filters`` is empty): for commands
+    that never run the chain, which then do not import the filters' scanners.
+    """
+    import filters
+
+    registry: Mapping[str, Any] = (
+        filters.REGISTRY if with_filters else dict.fromkeys(filters.FILTERS)
+    )
     try:
-        return _parse(data, path, REGISTRY)
+        return _parse(data, path, registry)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -356,7 +365,7 @@ def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> C
             raise ConfigError(f"filters.{key}: unknown key")
     settings = {
         name: build_settings(cls.Settings, fdata.get(name), f"filters.{name}")
-        for name, cls in registry.items()
+        for name, cls in registry.items() if cls is not None
     }
     return Config(gateway, store, tuple(chain_raw), types.MappingProxyType(settings), path,
                   milter=milter)
@@ -375,8 +384,9 @@ def resolve_path(path: str | None) -> str:
     return DEFAULT_CONFIG_PATHS[-1]
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file.  Raises :class:`ConfigError`."""
+def load_config(path: str | os.PathLike[str], *, with_filters: bool = True) -> Config:
+    """Read and validate a config file (see :func:`parse_config` for
+    ``with_filters``).  Raises :class:`ConfigError`."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -387,4 +397,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{p}: permission denied") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), with_filters=with_filters)

@@ -5,7 +5,7 @@ reasonable grounds"* (every read or change is audited before anything is
 shown; a body needs a reason; the body of mail marked personal or private is
 opened only as an exceptional, reasoned, audited access) and *"right of
 access, rectification, erasure"* (subject-access export and erasure by
-address).  The click layer is ``quarantine/cli_review.py``; this module holds
+address).  The click layer is ``cli/quarantine.py``; this module holds
 the logic, against a :class:`quarantine.store.Store`, so it can be tested and
 reused without click.
 

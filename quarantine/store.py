@@ -169,6 +169,8 @@ class StoreProtocol(Protocol):
     Quarantine items are dicts with the keys :data:`COLUMNS`; times are ISO
     strings from :func:`iso`.  Log and audit appends take their chain position
     (seq, previous hash) from the backend inside the write transaction.
+    A database failure is raised as :class:`StoreError` (or :class:`NotFound`,
+    :class:`OnHold`), never as the backend's driver exception.
     """
 
     root: Path

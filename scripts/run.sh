@@ -30,7 +30,7 @@ fi
 .venv/bin/python -m pip install -q -e .
 
 # Values from the config (validated first: a bad config stops here, exit 2).
-.venv/bin/python -m gateway.cli --config "$CONFIG" check >/dev/null 2>&1 || true
+.venv/bin/python -m cli --config "$CONFIG" check >/dev/null 2>&1 || true
 read -r CLAMD_ADDR STORE_PATH < <(.venv/bin/python - "$CONFIG" <<'PY'
 import sys
 from gateway.config import load_config, ConfigError
@@ -90,7 +90,7 @@ if [ ! -d "$STORE_PATH" ] || [ ! -w "$STORE_PATH" ]; then
   $SUDO install -d -m 0700 -o "$(id -u)" -g "$(id -g)" "$STORE_PATH"
 fi
 
-.venv/bin/python -m gateway.cli --config "$CONFIG" check || \
+.venv/bin/python -m cli --config "$CONFIG" check || \
   echo ">> (a failing next hop check is expected until your MTA listens there)"
 echo ">> mailwarden serve --config $CONFIG"
 exec .venv/bin/mailwarden --config "$CONFIG" serve

@@ -40,7 +40,7 @@ from quarantine.log import CSV_COLUMNS
 from quarantine.store import DB_NAME
 from tests.support.harness import Gateway, NextHop, make_message
 
-CLI = [sys.executable, "-c", "from gateway.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli import main; main()"]
 
 
 def mw_inproc(config: Path, *args: str) -> Any:
@@ -48,7 +48,7 @@ def mw_inproc(config: Path, *args: str) -> Any:
     many filter variations; the paths that matter run as real processes)."""
     from click.testing import CliRunner
 
-    from gateway.cli import main
+    from cli import main
 
     return CliRunner().invoke(main, [*args, "--config", str(config)], catch_exceptions=False)
 

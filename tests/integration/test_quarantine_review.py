@@ -50,7 +50,7 @@ from tests.support.otheruser import PortableInstall
 from tests.support.process import REPO, write_config
 
 #: The real CLI, as a process.
-CLI = [sys.executable, "-m", "gateway.cli"]
+CLI = [sys.executable, "-m", "cli"]
 CHAIN = ["clamav", "attachment_types", "personal", "header_log"]
 EXE = b"MZ\x90\x00\x03" + b"\x00" * 300
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -68,7 +68,7 @@ def mw(config: Path, *args: str, prefix: tuple[str, ...] = (),
 def mw_inproc(config: Path, *args: str) -> Any:
     from click.testing import CliRunner
 
-    from gateway.cli import main
+    from cli import main
 
     return CliRunner().invoke(main, [*args, "--config", str(config)])
 
@@ -437,7 +437,7 @@ def test_a_store_this_user_cannot_read(tmp_path: Path, make_gateway: Any,
             why = other_user_install.probe("nobody")
             if why is not None:  # only where the base interpreter is out of its reach
                 pytest.skip(f"user nobody cannot start {other_user_install.python}: {why}")
-            proc = other_user_install.run_as("nobody", "gateway.cli", "quarantine", "list",
+            proc = other_user_install.run_as("nobody", "cli", "quarantine", "list",
                                              "--config", str(config))
         else:
             os.chmod(gw.store_path, 0)

@@ -406,7 +406,7 @@ def test_cli_as_a_user_who_cannot_read_the_store(root_only_store: Path,
     why = other_user_install.probe("nobody")
     if why is not None:  # only where the base interpreter itself is out of nobody's reach
         pytest.skip(f"user nobody cannot start Python from {other_user_install.python}: {why}")
-    out = other_user_install.run_as("nobody", "gateway.cli", "--config", str(root_only_store),
+    out = other_user_install.run_as("nobody", "cli", "--config", str(root_only_store),
                                     *args)
     assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
     assert "Traceback" not in out.stderr

@@ -83,8 +83,8 @@ def write_config(
 
 def cli(*args: str, config: Path | None = None, env: Mapping[str, str] | None = None,
         timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``mailwarden ARGS`` (as ``python -m gateway.cli``) and capture its output."""
-    cmd = [sys.executable, "-m", "gateway.cli"]
+    """Run ``mailwarden ARGS`` (as ``python -m cli``) and capture its output."""
+    cmd = [sys.executable, "-m", "cli"]
     if config is not None:
         cmd += ["--config", str(config)]
     cmd += list(args)
@@ -110,7 +110,7 @@ class GatewayProcess:
         loaded machine takes seconds to import the filters)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"],
+            [sys.executable, "-m", "cli", "--config", str(self.config), "serve"],
             stdout=self._log, stderr=self._log, cwd=REPO,
             env={**os.environ, **(self.env or {})},
         )

@@ -14,40 +14,25 @@ broken chain), 2 usage or configuration error.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import aiosqlite
 import click
 
-from gateway.cli import config_option, get_config
+from cli.common import Group, config_option, run_with_store
 from gateway.config import Config
 from quarantine import log as logmod
 from quarantine.store import Store, StoreError
 
 
-def _run(fn: Callable[[], Any]) -> int:
-    return asyncio.run(fn())
-
-
 def _err(message: str) -> None:
     click.echo(f"mailwarden: {message}", err=True)
-
-
-async def _open_store(config: Config) -> Store | None:
-    try:
-        return await Store.open(config.store.path, create=False)
-    except StoreError as exc:
-        _err(str(exc))
-        return None
 
 
 def _query(since: datetime | None, until: datetime | None, address: str | None,
@@ -61,7 +46,7 @@ def _query(since: datetime | None, until: datetime | None, address: str | None,
     return logmod.LogQuery(since=since, until=until, address=address, direction=direction)
 
 
-@click.group("log")
+@click.group("log", cls=Group)
 @config_option
 def log_group() -> None:
     """The header-only monitoring log (auditors): export, verify, stats."""
@@ -130,14 +115,14 @@ def export_cmd(ctx: click.Context, since: datetime | None, until: datetime | Non
     if output is not None and not output.parent.is_dir():
         raise click.BadParameter(f"directory {output.parent} does not exist",
                                  param_hint="--output")
-    config = get_config(ctx)
-    sys.exit(_run(lambda: _export(config, query, fmt, output)))
+
+    async def body(store: Store, config: Config) -> int:
+        return await _export(store, query, fmt, output)
+
+    run_with_store(ctx, body)
 
 
-async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path | None) -> int:
-    store = await _open_store(config)
-    if store is None:
-        return 1
+async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path | None) -> int:
     sink: _AtomicFile | None = None
     progress: Any = None
     status = "failed"
@@ -151,7 +136,7 @@ async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path
         try:
             await store.audit("log export", targets=targets, filters=filters,
                               detail={"up_to_seq": query.up_to})
-        except (aiosqlite.Error, OSError) as exc:
+        except StoreError as exc:
             _err(f"cannot write the audit row, nothing exported: {exc}")
             return 1
         audited = True
@@ -215,7 +200,7 @@ async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path
             click.echo(f"sha256 {result.sha256}  {output}  {result.rows} records", err=True)
         status = "complete"
         return 0
-    except (StoreError, aiosqlite.Error) as exc:
+    except StoreError as exc:
         _err(str(exc))
         return 1
     finally:
@@ -231,10 +216,8 @@ async def _export(config: Config, query: logmod.LogQuery, fmt: str, output: Path
                             "rows": result.rows if result else None,
                             "sha256": result.sha256 if result else None},
                 )
-        except (aiosqlite.Error, OSError) as exc:
+        except StoreError as exc:
             _err(f"could not record the end of the export in the audit trail: {exc}")
-        finally:
-            await store.close()
 
 
 # ------------------------------------------------------------------- verify
@@ -249,18 +232,11 @@ def verify_cmd(ctx: click.Context) -> None:
     One line per chain; exit 1 on any break, naming the first bad record
     (seq, queue id, time).
     """
-    config = get_config(ctx)
-    sys.exit(_run(lambda: _verify(config)))
+    run_with_store(ctx, _verify)
 
 
-async def _verify(config: Config) -> int:
-    store = await _open_store(config)
-    if store is None:
-        return 1
-    try:
-        results = [await logmod.verify(store), await logmod.verify_audit(store)]
-    finally:
-        await store.close()
+async def _verify(store: Store, config: Config) -> int:
+    results = [await logmod.verify(store), await logmod.verify_audit(store)]
     for r in results:
         click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.message}")
     return 0 if all(r.ok for r in results) else 1
@@ -284,24 +260,22 @@ def stats_cmd(ctx: click.Context, since: datetime | None, until: datetime | None
     question).  Audited like an export.
     """
     query = _query(since, until, address, None)
-    config = get_config(ctx)
-    sys.exit(_run(lambda: _stats(config, query, as_json)))
+
+    async def body(store: Store, config: Config) -> int:
+        return await _stats(store, query, as_json)
+
+    run_with_store(ctx, body)
 
 
-async def _stats(config: Config, query: logmod.LogQuery, as_json: bool) -> int:
-    store = await _open_store(config)
-    if store is None:
-        return 1
+async def _stats(store: Store, query: logmod.LogQuery, as_json: bool) -> int:
     try:
         query = dataclasses.replace(query, up_to=await logmod.last_seq(store))
         await store.audit("log stats", targets=[query.address] if query.address else [],
                           filters=query.filters(), detail={"up_to_seq": query.up_to})
         rows = await logmod.stats(store, query)
-    except (StoreError, aiosqlite.Error, OSError) as exc:
+    except StoreError as exc:
         _err(str(exc))
         return 1
-    finally:
-        await store.close()
     if as_json:
         for r in rows:
             click.echo(json.dumps(r._asdict(), ensure_ascii=False))
@@ -320,5 +294,3 @@ async def _stats(config: Config, query: logmod.LogQuery, as_json: bool) -> int:
             click.echo(f"{r.month:7}  {r.address:{width}}  {r.messages:>8}  {r.personal:>8}")
     return 0
 
-
-COMMANDS: list[click.Command] = [log_group]

@@ -1,7 +1,7 @@
-"""The ``mailwarden`` command.
-
-Exit status everywhere: 0 success, 1 failure or a check that failed, 2 usage
-or configuration error (one line on stderr naming the problem).
+"""``mailwarden serve`` and ``mailwarden check``: the two commands that build
+the filter chain (and so import the filters and their scanners: libmagic,
+pyclamd, dkimpy, olefile, ...).  Those imports happen inside the commands,
+never when this module is imported.
 """
 
 from __future__ import annotations
@@ -11,89 +11,20 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway.config import Config, ConfigError, load_config, resolve_path
+from cli.common import Command, config_option, get_config, run_with_store, setup_logging
+from gateway.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from quarantine.store import Store
 
 log = logging.getLogger("mailwarden")
 
 
-class UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        t = time.gmtime(record.created)
-        return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
-
-
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiosmtpd logs every command at INFO: far too chatty for an operator.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mailwarden: {message}", err=True)
-    sys.exit(code)
-
-
-def get_config(ctx: click.Context) -> Config:
-    """Load the config named by --config (cached on the context); exit 2 on error."""
-    obj = ctx.ensure_object(dict)
-    if "config" not in obj:
-        path = resolve_path(obj.get("config_path"))
-        try:
-            obj["config"] = load_config(path)
-        except ConfigError as exc:
-            fail(str(exc))
-    return obj["config"]
-
-
-def run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    return asyncio.run(coro_fn())
-
-
-def _store_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.ensure_object(dict)["config_path"] = value
-
-
-#: ``--config PATH`` on the group and on every command.
-config_option = click.option(
-    "--config",
-    metavar="PATH",
-    callback=_store_config,
-    expose_value=False,
-    help="Config file (default: $MAILWARDEN_CONFIG, ./config.toml, /etc/mailwarden/config.toml).",
-)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@config_option
-@click.version_option(package_name="mailwarden")
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """mailwarden: an email gateway filter that enforces the organisation's
-    email acceptable-use policy inline in the mail flow.
-
-    The MTA hands every message to `mailwarden serve` over SMTP; mailwarden
-    scans it (ClamAV), checks attachment true types, warns on external
-    attachments, tags personal mail and logs headers only, then relays, holds
-    or refuses it.  IT reviews held mail with `mailwarden quarantine`,
-    auditors export the log with `mailwarden log export`.
-    """
-    ctx.ensure_object(dict)
-
-
-@main.command()
+@click.command(cls=Command)
 @config_option
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
@@ -105,25 +36,14 @@ def serve(ctx: click.Context, log_level: str) -> None:
     gateway.drain_timeout), exit 0.  SIGHUP: reload the config; an invalid new
     config is logged and the old one kept.
     """
-    config = get_config(ctx)
+    get_config(ctx, chain=True)
     setup_logging(log_level)
-    sys.exit(run(lambda: _serve(config)))
+    run_with_store(ctx, _serve, serving=True)
 
 
-async def _serve(config: Config) -> int:
+async def _serve(store: Store, config: Config) -> int:
     from gateway.server import Gateway
-    from quarantine.store import Store, StoreError
 
-    try:
-        store = await Store.open(
-            config.store.path,
-            batch_size=config.store.log_batch_size,
-            flush_interval=config.store.log_flush_interval,
-        )
-    except StoreError as exc:
-        log.error("%s", exc)
-        return 1
-    store.start_log_writer()
     observers: list[Any] = []
     metrics_server = None
     if config.gateway.metrics_listen:
@@ -133,7 +53,6 @@ async def _serve(config: Config) -> int:
             metrics, metrics_server = await start_metrics(config, store)
         except OSError as exc:
             log.error("cannot listen on %s for metrics: %s", config.gateway.metrics_listen, exc)
-            await store.close()
             return 1
         observers.append(metrics)
     gateway = Gateway(config, store=store, observers=observers)
@@ -143,7 +62,6 @@ async def _serve(config: Config) -> int:
         await gateway.start()
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.gateway.listen, exc)
-        await store.close()
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -175,17 +93,14 @@ async def _serve(config: Config) -> int:
     await gateway.stop()
     if metrics_server is not None:
         metrics_server.close()
-    await store.close()
     log.info("stopped")
     return 0
 
 
 async def _purge_loop(gateway: Any, store: Any) -> None:
     """Apply retention on a schedule while serving (see quarantine/retention.py)."""
-    try:
-        from quarantine.retention import purge
-    except ImportError:  # retention not available in this build
-        return
+    from quarantine.retention import purge
+
     while True:
         await asyncio.sleep(gateway.config.store.purge_interval)
         try:
@@ -211,7 +126,7 @@ def _sd_notify(message: str) -> None:
         pass
 
 
-@main.command()
+@click.command(cls=Command)
 @config_option
 @click.pass_context
 def check(ctx: click.Context) -> None:
@@ -222,8 +137,8 @@ def check(ctx: click.Context) -> None:
     if any fails.  WARN lines (e.g. clamd.conf's StreamMaxLength below
     gateway.max_message_size) do not change the exit status.
     """
-    config = get_config(ctx)
-    sys.exit(run(lambda: _check(config)))
+    config = get_config(ctx, chain=True)
+    sys.exit(asyncio.run(_check(config)))
 
 
 async def _check(config: Config) -> int:
@@ -286,23 +201,3 @@ async def _check(config: Config) -> int:
         line(False, str(exc))
     executor.shutdown(wait=False)
     return 0 if ok else 1
-
-
-def _mount_subcommands() -> None:
-    """Attach the store-side command groups (quarantine, log, audit, ...)."""
-    try:
-        from quarantine.cli import register
-    except ImportError:
-        return
-    register(main)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m gateway.cli`: run the real module (not this __main__ copy), so
-    # that the subcommand modules, which import gateway.cli, see one module.
-    from gateway.cli import main as _main
-
-    _main()
-else:
-    # Last, once every name above exists: the subcommand modules import them.
-    _mount_subcommands()
