@@ -61,7 +61,8 @@ async def _serve(store: Store, config: Config) -> int:
     try:
         await gateway.start()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", config.gateway.listen, exc)
+        # The message names the key (gateway.listen or milter.listen).
+        log.error("cannot listen on %s", exc.strerror or exc)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -158,6 +159,20 @@ async def _check(config: Config) -> int:
         click.echo(f"{'ok  ' if good else 'FAIL'} {text}")
 
     line(True, f"config {config.path}: chain = {', '.join(config.chain) or '(empty)'}")
+    gw, milter = config.gateway, config.milter
+    click.echo(f"ok   SMTP proxy: {f'gateway.listen = {gw.listen}' if gw.listen else 'off'}")
+    if milter.listen:
+        where = milter.listen
+        if where.startswith("unix:"):
+            parent = os.path.dirname(where[5:])
+            line(os.path.isdir(parent), f"milter: listen = {where} (quarantine = "
+                 f"{milter.quarantine}, progress every {milter.progress_interval:g} s)"
+                 + ("" if os.path.isdir(parent) else f": directory {parent} missing"))
+        else:
+            line(True, f"milter: listen = {where} (quarantine = {milter.quarantine},"
+                       f" progress every {milter.progress_interval:g} s)")
+    else:
+        click.echo("ok   milter: off")
     executor = ThreadPoolExecutor(max_workers=2)
     ctx = FilterContext(
         hostname=config.gateway.hostname,
