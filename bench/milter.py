@@ -426,7 +426,8 @@ def print_report(args: argparse.Namespace, summary: dict[tuple[str, str], dict[s
             if row is None:
                 continue
 
-            def vs(peer: str, row: dict[str, Any] = row) -> str:
+            def vs(peer: str, row: dict[str, Any] = row, mset: str = mset,
+                   t: str = t) -> str:
                 other = summary.get((mset, peer))
                 if other is None or peer == t or not other["rate"]:
                     return "–"
