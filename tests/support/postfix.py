@@ -334,9 +334,22 @@ class Postfix:
 
 
 def _accepts(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    """Something listens on 127.0.0.1:``port`` (read from /proc/net/tcp, not
+    by connecting: a probe connection would start an smtpd, which in milter
+    mode connects to a milter that is not up yet and logs a warning)."""
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == want and fields[3] == "0A":  # LISTEN
+                    return True
+    except OSError:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    return False
 
 
 def _alive(pid: int) -> bool:
