@@ -25,6 +25,7 @@ including a store the user cannot read.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pwd
@@ -286,14 +287,25 @@ def test_delete_hold_and_the_audit_trail(setup: Setup) -> None:
 # ---------------------------------------------------------------- retention
 
 
-def test_purge_under_a_shifted_clock(setup: Setup) -> None:
+def shifted(offset: str) -> tuple[str, ...]:
+    """A command prefix running the command with libfaketime preloaded and
+    ``FAKETIME=offset`` -- what ``faketime -f OFFSET`` does, without the
+    wrapper's named semaphore (``sem_open: File exists`` when a stale one
+    from an earlier process with the same pid is left in /dev/shm)."""
     if shutil.which("faketime") is None:
         pytest.fail("faketime is not installed: apt-get install -y faketime", pytrace=False)
+    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not libs:
+        pytest.fail("libfaketime.so.1 not found (Debian package faketime)", pytrace=False)
+    return ("env", f"LD_PRELOAD={libs[0]}", f"FAKETIME={offset}")
+
+
+def test_purge_under_a_shifted_clock(setup: Setup) -> None:
     held, exe = setup.ids["personal"], setup.ids["exe"]
     held_path = setup.gw.store_path / setup.row(held)["path"]
     exe_path = setup.gw.store_path / setup.row(exe)["path"]
     assert mw_inproc(setup.config, "quarantine", "hold", held, "--reason", "case 9").exit_code == 0
-    later = ("faketime", "-f", "+100d")
+    later = shifted("+100d")
 
     dry = mw(setup.config, "purge", "--dry-run", "--json", prefix=later)
     assert dry.returncode == 0, dry.stderr
@@ -333,9 +345,8 @@ def test_serve_purges_on_its_own_schedule(setup: Setup, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path / "serve.toml", store=setup.gw.store_path,
                              next_hop=setup.nh.address, store_extra={"purge_interval": 0.2})
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    # faketime runs serve as its child: a session of its own lets the whole
-    # group be stopped below.
-    proc = subprocess.Popen(["faketime", "-f", "+100d", *CLI, "--config", str(config), "serve"],
+    # A session of its own lets the whole group be stopped below.
+    proc = subprocess.Popen([*shifted("+100d"), *CLI, "--config", str(config), "serve"],
                             stdout=log, stderr=log, cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
