@@ -228,9 +228,30 @@ def qp_encode(data: bytes) -> bytes:
     ``=`` LF, turned into ``=`` CRLF here: no other LF can be in its output).
     """
     return CRLF.join(
-        binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"\n", CRLF)
+        CRLF.join(_fit(out) for out in binascii.b2a_qp(
+            line, quotetabs=False, istext=False, header=False).split(b"\n"))
         for line in data.split(CRLF)
     )
+
+
+def _fit(line: bytes, width: int = 76) -> bytes:
+    """One encoded line within ``width`` columns: binascii's soft breaks can
+    leave 77 (an escape run followed by white space); split such a line again
+    with soft breaks, never inside an ``=XX`` escape."""
+    if len(line) <= width:
+        return line
+    out: list[bytes] = []
+    while len(line) > width:
+        cut = width - 1  # room for the soft break's "="
+        # Do not split an escape: back up to its "=" if one starts in the last two bytes.
+        for back in (1, 2):
+            if line[cut - back : cut - back + 1] == b"=":
+                cut -= back
+                break
+        out.append(line[:cut] + b"=")
+        line = line[cut:]
+    out.append(line)
+    return CRLF.join(out)
 
 
 def b64_encode(data: bytes) -> bytes:
