@@ -83,17 +83,22 @@ def _one_line(exc: click.UsageError, name: str) -> click.UsageError:
     return out
 
 
-class Command(click.Command):
-    """A command whose usage errors (parsing, and those its body raises) are one line, exit 2."""
+class _OneLineParse:
+    """Parsing errors (bad options, missing arguments) as one line, exit 2."""
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
         try:
-            return super().make_context(info_name, args, parent=parent, **extra)
+            return super().make_context(  # type: ignore[misc,no-any-return]
+                info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
             raise _one_line(exc, _command_name(parent, info_name)) from None
+
+
+class Command(_OneLineParse, click.Command):
+    """A command whose usage errors (parsing, and those its body raises) are one line, exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -102,20 +107,11 @@ class Command(click.Command):
             raise _one_line(exc, _command_name(ctx)) from None
 
 
-class Group(click.Group):
+class Group(_OneLineParse, click.Group):
     """A group whose usage errors (and those of its commands and subgroups) are one line."""
 
     command_class = Command
     group_class = type
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as exc:
-            raise _one_line(exc, _command_name(parent, info_name)) from None
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]

@@ -35,11 +35,12 @@ import pytest
 
 from gateway import replies
 from quarantine.store import DB_NAME
+from tests.support import served
 from tests.support.clamd import Clamd
 from tests.support.dns import LoopbackDNS
 from tests.support.eicar import EICAR_NAME, eicar
 from tests.support.harness import Gateway, NextHop, make_message
-from tests.support.postfix import Postfix, postfix_missing
+from tests.support.postfix import Postfix, after_received, require_postfix
 from tests.support.process import GatewayProcess, write_config
 
 pytestmark = pytest.mark.postfix
@@ -51,11 +52,7 @@ PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF
 
 @pytest.fixture(scope="module", autouse=True)
 def _need_postfix() -> None:
-    why = postfix_missing()
-    if why and "not installed" in why:
-        pytest.fail(why, pytrace=False)
-    if why:
-        pytest.skip(why)
+    require_postfix()
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +115,8 @@ def through_postfix(pf: Postfix, raw: bytes, *, mail_from: str = "alice@sender.t
         return code, text.decode(errors="replace")
 
 
-def after_received(data: bytes) -> bytes:
-    """The delivered message without Postfix's own first Received header."""
-    m = re.match(rb"Received: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", data)
-    assert m, data[:300]
-    return data[m.end():]
-
-
 def quarantine_rows(gw: Gateway) -> list[dict[str, Any]]:
-    db = sqlite3.connect(gw.store_path / DB_NAME)
-    try:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM quarantine ORDER BY received")]
-    finally:
-        db.close()
+    return served.quarantine_rows(gw.store_path)
 
 
 def log_records(gw: Gateway) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from gateway.milter.api import MilterAnswer, MilterMessage
 from gateway.milter.server import MilterServer, start_milter
 from gateway.milter.session import WANTED_ACTIONS, WANTED_PROTOCOL
 from tests.support.harness import LoopThread, NextHop
-from tests.support.postfix import Postfix, postfix_missing
+from tests.support.postfix import Postfix, after_received, require_postfix
 
 pytestmark = pytest.mark.postfix
 
@@ -48,11 +48,7 @@ TEMPFAIL = "451 4.7.1 virus scanner unavailable, try again later"
 
 @pytest.fixture(scope="module", autouse=True)
 def _need_postfix() -> None:
-    why = postfix_missing()
-    if why and "not installed" in why:
-        pytest.fail(why, pytrace=False)
-    if why:
-        pytest.skip(why)
+    require_postfix()
 
 
 class SubjectHandler:
@@ -182,14 +178,6 @@ def send(s: smtplib.SMTP, raw: bytes, *, mail_from: str = "alice@ext.test",
         assert code == 250, text
     code, text = s.data(raw)
     return code, text.decode(errors="replace")
-
-
-def after_received(data: bytes) -> bytes:
-    """The delivered message without Postfix's own first Received header."""
-    assert data.startswith(b"Received: "), data[:200]
-    m = re.match(rb"Received: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", data)
-    assert m, data[:300]
-    return data[m.end():]
 
 
 def queued(pf: Postfix) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ import pytest
 from gateway.config import DEFAULT_CHAIN
 from tests.support.eicar import EICAR_NAME, eicar
 from tests.support.harness import NextHop, make_message
-from tests.support.postfix import Mode, Postfix, postfix_missing
+from tests.support.postfix import Mode, Postfix, require_postfix
 from tests.support.process import GatewayProcess, write_config
 
 pytestmark = pytest.mark.postfix
@@ -46,11 +46,7 @@ INTERNAL_CLIENT = "127.0.0.1"
 
 @pytest.fixture(autouse=True)
 def _need_postfix() -> None:
-    why = postfix_missing()
-    if why and "not installed" in why:
-        pytest.fail(why, pytrace=False)
-    if why:
-        pytest.skip(why)
+    require_postfix()
     if shutil.which("swaks") is None:
         pytest.fail("swaks is not installed: apt-get install -y swaks", pytrace=False)
 

@@ -360,3 +360,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def require_postfix() -> None:
+    """For a test module's autouse fixture: fail when Debian's postfix is not
+    installed (the README's test command installs it), skip with the reason
+    when it is there but cannot run here."""
+    import pytest
+
+    why = postfix_missing()
+    if why and "not installed" in why:
+        pytest.fail(why, pytrace=False)
+    if why:
+        pytest.skip(why)
+
+
+def after_received(data: bytes) -> bytes:
+    """A delivered message without Postfix's own first Received header."""
+    assert data.startswith(b"Received: "), data[:200]
+    m = re.match(rb"Received: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", data)
+    assert m, data[:300]
+    return data[m.end():]
