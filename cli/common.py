@@ -308,9 +308,11 @@ def iso_or_none(dt: datetime | None) -> str | None:
 
 def audit_detail(**extra: Any) -> dict[str, Any]:
     """Detail for audit rows: with SUDO_USER when run through sudo."""
+    from quarantine.access import current
+
     detail = {k: v for k, v in extra.items() if v is not None}
     sudo_user = os.environ.get("SUDO_USER")
-    if sudo_user and os.getuid() == 0:
+    if sudo_user and os.getuid() == 0 and not current().enforced:
         detail["sudo_user"] = sudo_user
     return detail
 

@@ -165,6 +165,14 @@ class StoreSettings:
     log_batch_size: int = field(default=200, metadata=_check(positive))
     #: seconds the log writer waits to fill a batch
     log_flush_interval: float = field(default=0.5, metadata=_check(positive))
+    #: sqlite (embedded, one gateway) | postgresql (several gateways share it)
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    #: postgresql: a libpq connection string ("host=/run/postgresql dbname=mailwarden")
+    dsn: str = ""
+    #: this gateway's name in a shared store; "" = the host name
+    instance: str = ""
+    #: key-encryption key file for the per-period data keys ("" = no encryption)
+    key_file: str = ""
 
 
 def check_milter_listen(value: str) -> str:
@@ -198,6 +206,81 @@ class MilterSettings:
     progress_interval: float = field(default=10.0, metadata=_check(check_progress_interval))
 
 
+#: The roles of ``[access.roles]`` (see ``quarantine/access.py``).
+ROLES = ("reviewer", "investigator", "auditor", "dpo", "operator")
+
+#: The policy's valid reasons for reading content or identifying a person.
+DEFAULT_GROUNDS = ("absence", "offensive-material", "excessive-personal", "detrimental",
+                   "legal-duty", "subject-access", "false-positive")
+
+
+def check_grounds(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("needs at least one ground")
+    for g in value:
+        if not g or not all(c.isalnum() or c in "-_" for c in g):
+            raise ValueError(f"bad ground {g!r}: letters, digits, '-' and '_' only")
+    if len(set(value)) != len(value):
+        raise ValueError("a ground is listed twice")
+    return value
+
+
+def check_socket_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return value
+
+
+def check_socket_mode(value: str) -> str:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError("expected an octal mode such as \"0666\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError("expected an octal mode such as \"0666\"")
+    return value
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """``[access]``: present = access control on (the CLI goes through the daemon)."""
+
+    #: off when the config has no [access] section (direct store access, owner only)
+    enabled: bool = field(default=False, init=False)
+    control_socket: str = field(default="/run/mailwarden/control.sock",
+                                metadata=_check(check_socket_path))
+    #: the socket's mode: who may connect (each request is then checked by role)
+    socket_mode: str = field(default="0666", metadata=_check(check_socket_mode))
+    grounds: tuple[str, ...] = field(default=DEFAULT_GROUNDS, metadata=_check(check_grounds))
+    #: how long an approved exceptional-access grant lasts
+    grant_hours: int = field(default=24, metadata=_check(positive))
+    #: role -> Unix groups whose members hold it (from [access.roles])
+    roles: Mapping[str, tuple[str, ...]] = field(default_factory=dict, init=False)
+
+
+def parse_access(data: Any) -> AccessSettings:
+    """``[access]`` with its ``[access.roles]`` table; absent = access control off."""
+    if data is None:
+        return AccessSettings()
+    if not isinstance(data, dict):
+        raise ConfigError("access: expected a table")
+    data = dict(data)
+    roles_raw = data.pop("roles", {})
+    if not isinstance(roles_raw, dict):
+        raise ConfigError("access.roles: expected a table (role = [groups])")
+    roles: dict[str, tuple[str, ...]] = {}
+    for role, groups in roles_raw.items():
+        if role not in ROLES:
+            raise ConfigError(f"access.roles.{role}: unknown role (known: {', '.join(ROLES)})")
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise ConfigError(f"access.roles.{role}: expected a list of group names")
+        roles[role] = tuple(groups)
+    settings = build_settings(AccessSettings, data, "access")
+    object.__setattr__(settings, "enabled", True)
+    object.__setattr__(settings, "roles", types.MappingProxyType(roles))
+    return settings
+
+
 @dataclass(frozen=True)
 class Config:
     gateway: GatewaySettings
@@ -206,6 +289,7 @@ class Config:
     filters: Mapping[str, Any]  # filter name -> its Settings instance
     path: str = "config.toml"
     milter: MilterSettings = field(default_factory=MilterSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     def filter_settings(self, name: str) -> Any:
         return self.filters[name]
@@ -336,13 +420,16 @@ def parse_config(data: Mapping[str, Any], path: str = "config.toml", *,
 
 def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> Config:
     for key in data:
-        if key not in ("gateway", "store", "filters", "milter"):
+        if key not in ("gateway", "store", "filters", "milter", "access"):
             raise ConfigError(f"{key}: unknown key")
     gateway = build_settings(
         GatewaySettings, data.get("gateway"), "gateway", required=("internal_domains",)
     )
     store = build_settings(StoreSettings, data.get("store"), "store")
     milter = build_settings(MilterSettings, data.get("milter"), "milter")
+    access = parse_access(data.get("access"))
+    if store.backend == "postgresql" and not store.dsn:
+        raise ConfigError('store.dsn: required with backend = "postgresql"')
     if not gateway.listen and not milter.listen:
         raise ConfigError('gateway.listen: "" (off) needs milter.listen: nothing would listen')
     fdata = data.get("filters", {})
@@ -368,7 +455,7 @@ def _parse(data: Mapping[str, Any], path: str, registry: Mapping[str, Any]) -> C
         for name, cls in registry.items() if cls is not None
     }
     return Config(gateway, store, tuple(chain_raw), types.MappingProxyType(settings), path,
-                  milter=milter)
+                  milter=milter, access=access)
 
 
 def resolve_path(path: str | None) -> str:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pwd
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -128,20 +126,17 @@ def is_erased(payload: str) -> bool:
 
 
 def os_user() -> tuple[str, int]:
-    """The OS user from the real uid (who ran the command).
+    """The user the current command runs for (``quarantine.access.current``).
 
-    Under sudo (e.g. ``sudo -u mailwarden mailwarden quarantine show ...``) the
-    invoking user is recorded too: ``mailwarden (sudo: alice)``.
+    Through the control socket: the peer's user.  Run directly on the store:
+    the OS user from the real uid; under sudo (``sudo -u mailwarden mailwarden
+    quarantine show ...``) the invoking user is recorded too:
+    ``mailwarden (sudo: alice)``.
     """
-    uid = os.getuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    sudo_user = os.environ.get("SUDO_USER")
-    if sudo_user and sudo_user != name:
-        name = f"{name} (sudo: {''.join(c for c in sudo_user if c.isprintable())[:64]})"
-    return name, uid
+    from quarantine.access import current
+
+    caller = current()
+    return caller.user, caller.uid
 
 
 def new_quarantine_id(now: datetime) -> str:
