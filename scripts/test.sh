@@ -11,7 +11,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(python3 python3-venv python3-dev gcc libmagic1 clamav-daemon clamav-testfiles
-          postfix swaks faketime curl systemd openssl)
+          postfix swaks faketime curl systemd openssl
+          postgresql passwd util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
