@@ -203,7 +203,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     (``| head``) ends it quietly with status 1.
     """
     from quarantine.review import Refusal
-    from quarantine.store import NotFound, OnHold, Store, StoreError
+    from quarantine.store import NotFound, OnHold, StoreError, open_store
 
     config = get_config(ctx)
 
@@ -218,7 +218,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
         if serving:
             tuning = {"batch_size": config.store.log_batch_size,
                       "flush_interval": config.store.log_flush_interval}
-        store = await Store.open(config.store.path, create=serving, **tuning)
+        store = await open_store(config.store, create=serving, **tuning)
         try:
             if serving:
                 store.start_log_writer()

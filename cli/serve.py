@@ -149,7 +149,7 @@ async def _check(config: Config) -> int:
     from filters.base import FilterContext
     from gateway.pipeline import build_chain
     from gateway.relay import NextHopFailure, Relay
-    from quarantine.store import Store, StoreError
+    from quarantine.store import StoreError, open_store
 
     ok = True
 
@@ -208,7 +208,7 @@ async def _check(config: Config) -> int:
     finally:
         await relay.quit()
     try:
-        store = await Store.open(config.store.path)
+        store = await open_store(config.store)
         good, text = await store.check()
         line(good, text)
         await store.close()

@@ -240,6 +240,28 @@ class StoreProtocol(Protocol):
     async def purge_audit_through(self, end: int, batch: int = 5000) -> int: ...
 
 
+async def open_store(
+    settings: StoreSettings,
+    *,
+    create: bool = False,
+    clock: Callable[[], datetime] = utcnow,
+    **tuning: Any,
+) -> StoreProtocol:
+    """Open the store ``[store]`` names: the one place a backend is chosen.
+
+    ``create`` (``serve``): make the store (directory, database, schema) when it
+    is missing; every other command refuses a missing store.  ``tuning`` is the
+    log writer's batching (``batch_size``, ``flush_interval``).
+    """
+    if settings.backend == "postgresql":
+        from quarantine.postgres import PostgresStore
+
+        return await PostgresStore.open(settings, create=create, clock=clock, **tuning)
+    from quarantine.sqlite import SQLiteStore
+
+    return await SQLiteStore.open(settings.path, create=create, clock=clock, **tuning)
+
+
 # The first backend, and the name callers open a store with (``Store.open``).
 # Resolved lazily (PEP 562): quarantine.sqlite imports the helpers above, so
 # either module can be imported first.
@@ -255,6 +277,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from gateway.config import StoreSettings
     from quarantine.sqlite import MIGRATIONS, SQLiteStore
 
     Store = SQLiteStore
@@ -263,5 +286,5 @@ __all__ = [
     "COLUMNS", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
     "NotFound", "OnHold", "Row", "SQLiteStore", "Store", "StoreError", "StoreProtocol",
     "addresses_of", "canonical", "chain_hash", "erased_record", "is_erased", "iso",
-    "new_quarantine_id", "os_user", "utcnow",
+    "new_quarantine_id", "open_store", "os_user", "utcnow",
 ]
