@@ -208,7 +208,7 @@ async def _check(config: Config) -> int:
     finally:
         await relay.quit()
     try:
-        store = await open_store(config.store)
+        store = await open_store(config.store, create=True)
         good, text = await store.check()
         line(good, text)
         await store.close()
