@@ -17,6 +17,7 @@ __all__ = ["store"]
 
 
 @click.group(cls=Group)
+@config_option
 def store() -> None:
     """The store's keys and housekeeping."""
 

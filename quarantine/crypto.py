@@ -330,9 +330,10 @@ class KeyRing:
     ``seal(key_id, aad, plaintext)`` creates the key on first use (race-safe
     through :meth:`KeyStore.insert_if_absent`); ``open(blob, aad)`` reads the
     key id from the blob and raises :class:`KeyDestroyed` / :class:`KeyUnknown`
-    / :class:`BlobError`.  Unwrapped keys are cached only for sealing (the
-    current period); ``open`` re-reads the key store every time, so a key
-    destroyed by another process (``mailwarden purge``) stops working at once.
+    / :class:`BlobError`.  No unwrapped key is cached: every seal and open
+    reads the key store (one indexed SELECT) and unwraps (microseconds), so a
+    key destroyed by another process (``mailwarden purge``) stops working at
+    once, in every process, and nothing is sealed under a destroyed period.
     """
 
     def __init__(self, kek: Kek, keys: KeyStore, *, clock: Callable[[], datetime] = utcnow,
@@ -341,10 +342,8 @@ class KeyRing:
         self.keys = keys
         self.clock = clock
         self.where = where
-        self._seal_cache: dict[str, bytes] = {}
 
     async def close(self) -> None:
-        self._seal_cache.clear()
         await self.keys.close()
 
     async def _key(self, key_id: str, *, create: bool) -> bytes:
@@ -367,11 +366,7 @@ class KeyRing:
     async def seal(self, key_id: str, aad: bytes, plaintext: bytes) -> bytes:
         """Encrypt ``plaintext`` under the data key ``key_id`` (created if new)."""
         check_key_id(key_id)
-        key = self._seal_cache.get(key_id)
-        if key is None:
-            key = await self._key(key_id, create=True)
-            if not key_id.startswith(HOLD_PREFIX):
-                self._seal_cache = {key_id: key}  # only the current period
+        key = await self._key(key_id, create=True)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, _seal, key, key_id, aad, plaintext)
 
@@ -384,8 +379,6 @@ class KeyRing:
 
     async def destroy(self, key_ids: Sequence[str]) -> list[KeyRecord]:
         """Destroy these data keys (those still live); returns their tombstones."""
-        for k in key_ids:
-            self._seal_cache.pop(k, None)
         if not key_ids:
             return []
         return await self.keys.destroy(list(key_ids), iso(self.clock()))
