@@ -55,7 +55,9 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             json_line(summary)
             return 0
         verb = "to remove (dry run)" if dry_run else "removed"
-        click.echo(f"retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
+        click.echo(f"destruction report {summary['now']}"
+                   + (" (dry run: nothing destroyed)" if dry_run else ""))
+        click.echo(f"  retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
         files = "" if dry_run else f" ({summary['files_removed']} files)"
         click.echo(f"  quarantine items {verb}: {summary['quarantine_items']}{files};"
                    f" kept under legal hold: {summary['kept_under_hold']}")
@@ -80,8 +82,7 @@ def _print_keys(summary: dict[str, Any], dry_run: bool) -> None:
         return
     verb = "to destroy (dry run)" if dry_run else "destroyed"
     periods = summary["periods_destroyed"]
-    click.echo(f"destruction report {summary['now']}"
-               f" (key-encryption key {summary['kek_fingerprint']}):")
+    click.echo(f"  bodies encrypted; key-encryption key fingerprint {summary['kek_fingerprint']}")
     click.echo(f"  period keys {verb}: {len(periods)}")
     for p in periods:
         click.echo(f"    {p['key_id']}  fingerprint {p['fingerprint']}  created {p['created']}")
