@@ -75,6 +75,8 @@ class SQLiteKeyStore:
         try:
             if not base.is_dir() and not create:
                 raise StoreError(f"store {base} does not exist")
+            if create:
+                await asyncio.to_thread(files.ensure_dir, base)  # 0700, as the store makes it
             await asyncio.to_thread(files.ensure_dir, keydir)
             new = not path.exists()
             if new:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +185,24 @@ def test_keygen_needs_a_path(args: tuple[str, ...]) -> None:
     proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
                           text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_key_store_modes_under_a_permissive_umask(tmp_path: Path, make_gateway: Any) -> None:
+    kek_file = tmp_path / "kek"
+    keygen(kek_file)
+    old = os.umask(0)
+    try:
+        gw = make_gateway(chain=CHAIN, store={"key_file": str(kek_file)})
+        raw = make_message(subject="modes", attachments=[("m.exe", "application/octet-stream",
+                                                          EXE)])
+        assert gw.send(raw)[0] == 250
+    finally:
+        os.umask(old)
+    keydir = gw.store_path / KEYS_DIR
+    assert stat.S_IMODE(gw.store_path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(keydir.stat().st_mode) == 0o700
+    found = sorted(p.name for p in keydir.iterdir())
+    assert KEYS_DB in found and KEYS_DB + "-wal" in found, found
+    for p in keydir.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
+    assert stat.S_IMODE(kek_file.stat().st_mode) == 0o600

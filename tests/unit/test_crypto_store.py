@@ -192,3 +192,14 @@ async def test_purge_destroys_expired_period_keys_and_reports_them(
     # nothing is ever sealed under a destroyed period
     with pytest.raises(StoreError):
         await put(store, clock, T0, "late arrival")
+
+
+async def test_erase_destroys_the_hold_keys_of_erased_items(store: Store, clock: Clock) -> None:
+    qid = await put(store, clock, T0, "to erase")
+    await review.set_hold(store, qid, True)
+    await review.set_hold(store, qid, False)
+    assert store.keyring is not None
+    removed, files_removed = await store.erase_items([qid])
+    assert removed == [qid] and files_removed == 1
+    record = await store.keyring.keys.get(f"hold:{qid}")
+    assert record is not None and record.wrapped is None
