@@ -756,24 +756,25 @@ class SQLiteStore:
         once its period's key is gone); a plaintext file (kept before
         ``key_file`` was set) is returned as it is."""
         data = await asyncio.to_thread(files.read_message, self.root, item["path"])
-        if await self._sealed_key_id(data, item) is None:
+        if not crypto.is_sealed(data):
             return data
-        if self.keyring is None:
-            raise StoreError(f"the message file of {item['id']} is encrypted and store.key_file"
-                             " is not set")
-        return await self.keyring.open(data, str(item["id"]).encode())
+        if self.keyring is not None:
+            try:
+                return await self.keyring.open(data, str(item["id"]).encode())
+            except (crypto.CryptoError, crypto.KekError):
+                if not await self._is_plaintext(data, item):
+                    raise
+                return data
+        if await self._is_plaintext(data, item):
+            return data
+        raise StoreError(f"the message file of {item['id']} is encrypted and store.key_file"
+                         " is not set")
 
     @staticmethod
-    async def _sealed_key_id(data: bytes, item: Mapping[str, Any]) -> str | None:
-        """The data key id a stored file is sealed under, None for plaintext
-        (a plaintext message that happens to start like a blob is told apart by
-        its recorded SHA-256)."""
-        if not crypto.is_sealed(data):
-            return None
-        plain = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == item["sha256"])
-        if plain:
-            return None
-        return crypto.parse_blob(data).key_id
+    async def _is_plaintext(data: bytes, item: Mapping[str, Any]) -> bool:
+        """Whether ``data`` is the plaintext message itself (one that happens to
+        start like a sealed blob), by its recorded SHA-256."""
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == item["sha256"])
 
     async def _reseal_for_hold(self, item: Mapping[str, Any]) -> bool:
         """Re-encrypt a held item's file under its own key ``hold:<id>``, so it
@@ -782,13 +783,17 @@ class SQLiteStore:
             return False
         qid = str(item["id"])
         try:
-            data = await asyncio.to_thread(files.read_message, self.root, item["path"])
+            head = await asyncio.to_thread(files.read_head, self.root, item["path"])
         except FileNotFoundError:
             return False
-        key_id = await self._sealed_key_id(data, item)
-        if key_id is None or key_id == crypto.hold_key_id(qid):
-            return False
-        plain = await self.keyring.open(data, qid.encode())
+        if not crypto.is_sealed(head):
+            return False  # kept before encryption was switched on: stays as it is
+        try:
+            if crypto.parse_blob(head).key_id == crypto.hold_key_id(qid):
+                return False  # done already
+        except crypto.BlobError:
+            pass  # read_body tells a plaintext that starts like a blob apart
+        plain = await self.read_body(item)
         blob = await self.keyring.seal(crypto.hold_key_id(qid), qid.encode(), plain)
         await asyncio.to_thread(files.write_durable, self.root, item["path"], blob)
         return True

@@ -191,7 +191,8 @@ class SQLiteKeyStore:
                 except BaseException:
                     await self.db.execute("ROLLBACK")
                     raise
-                await self._checkpoint()
+                if out or self.checkpoint_state == "busy":
+                    await self._checkpoint()
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         return out

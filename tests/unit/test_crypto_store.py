@@ -203,3 +203,35 @@ async def test_erase_destroys_the_hold_keys_of_erased_items(store: Store, clock:
     assert removed == [qid] and files_removed == 1
     record = await store.keyring.keys.get(f"hold:{qid}")
     assert record is not None and record.wrapped is None
+
+
+async def test_a_plaintext_message_that_looks_like_a_blob_still_reads(
+    tmp_path: Path, clock: Clock, kek_file: str
+) -> None:
+    """Hostile input: a message whose bytes start like a sealed blob, kept
+    before encryption was on, is told apart by its recorded SHA-256."""
+    raw = crypto.MAGIC + bytes([1, 10]) + b"2026-01-10" + b"\x00" * 40 + b"\r\n\r\nhi\r\n"
+
+    async def put_raw(s: Store) -> str:
+        return await s.quarantine(
+            raw=raw, queue_id="Q1", received=T0, direction="inbound", client_addr="192.0.2.1",
+            helo="mx.test", mail_from="a@ext.test", rcpt_tos=["b@example.com"], headers={},
+            reason="attachment_types", detail="", personal=False, verdicts=[])
+
+    plain = await open_store(config(tmp_path, "").store, create=True, clock=clock)
+    try:
+        qid = await put_raw(plain)
+        assert await review.read_message(plain, await review.get_item(plain, qid)) == raw
+    finally:
+        await plain.close()
+    sealed = await open_store(config(tmp_path, kek_file).store, clock=clock)
+    try:
+        await sealed.keyring.seal("2026-01-10", b"x", b"make the period's key exist")
+        assert await review.read_message(sealed, await review.get_item(sealed, qid)) == raw
+        await review.set_hold(sealed, qid, True)  # sealed now, under its hold key
+        assert crypto.parse_blob(await stored_bytes(sealed, qid)).key_id == f"hold:{qid}"
+        assert await review.read_message(sealed, await review.get_item(sealed, qid)) == raw
+        new = await put_raw(sealed)  # with encryption on it is simply sealed
+        assert await review.read_message(sealed, await review.get_item(sealed, new)) == raw
+    finally:
+        await sealed.close()
