@@ -407,7 +407,10 @@ async def open_keyring(
     None when ``key_file`` is "" (no encryption)."""
     if not key_file:
         return None
-    kek = await asyncio.to_thread(load_kek, key_file)
+    try:
+        kek = await asyncio.to_thread(load_kek, key_file)
+    except KekError as exc:
+        raise KekError(f"store.key_file: {exc}") from None
     from quarantine.sqlite_keys import SQLiteKeyStore
 
     keys = await SQLiteKeyStore.open(root, create=create)

@@ -235,3 +235,16 @@ async def test_a_plaintext_message_that_looks_like_a_blob_still_reads(
         assert await review.read_message(sealed, await review.get_item(sealed, new)) == raw
     finally:
         await sealed.close()
+
+
+async def test_a_50_mb_message_is_sealed_and_read_back(store: Store, clock: Clock) -> None:
+    raw = b"Subject: big\r\n\r\n" + b"0123456789abcdef" * (50 * 1024 * 1024 // 16)
+    qid = await store.quarantine(
+        raw=raw, queue_id="Q1", received=T0, direction="inbound", client_addr="192.0.2.1",
+        helo="mx.test", mail_from="a@ext.test", rcpt_tos=["b@example.com"], headers={},
+        reason="attachment_types", detail="", personal=False, verdicts=[])
+    item = await review.get_item(store, qid)
+    assert item["size"] == len(raw)
+    assert await store.read_body(item) == raw
+    await review.set_hold(store, qid, True)
+    assert await store.read_body(await review.get_item(store, qid)) == raw
