@@ -231,3 +231,76 @@ def test_unsafe_or_malformed_key_files_are_refused(tmp_path: Path) -> None:
         load_kek(tmp_path / "missing")
     fresh = write_kek(tmp_path / "fresh")
     assert base64.b64encode(fresh.key).decode() not in repr(fresh)  # never printed
+
+
+_CREATOR = """
+import asyncio, sys
+from pathlib import Path
+from quarantine.crypto import KeyRing, load_kek
+from quarantine.sqlite_keys import SQLiteKeyStore
+
+async def main():
+    keys = await SQLiteKeyStore.open(Path(sys.argv[2]), create=True)
+    ring = KeyRing(load_kek(sys.argv[1]), keys)
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()  # the go signal: both processes race from here
+    blob = await ring.seal(sys.argv[3], b"q", sys.argv[4].encode())
+    sys.stdout.write(blob.hex() + "\\n"); sys.stdout.flush()
+    await ring.close()
+
+asyncio.run(main())
+"""
+
+
+def test_two_processes_creating_one_period_key_get_the_same_key(
+    tmp_path: Path, kek_file: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.process import REPO
+
+    store = tmp_path / "store"
+    periods = [f"2026-11-{d:02d}" for d in range(1, 6)]
+    for period in periods:
+        procs = [subprocess.Popen([sys.executable, "-c", _CREATOR, str(kek_file), str(store),
+                                   period, f"from {i}"], cwd=REPO, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                 for i in range(2)]
+        try:
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline() == "ready\n"
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            blobs = [bytes.fromhex(p.stdout.readline().strip()) for p in procs if p.stdout]
+            for p in procs:
+                assert p.wait(timeout=60) == 0
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                for f in (p.stdin, p.stdout):
+                    if f is not None:
+                        f.close()
+
+        async def check(blobs: list[bytes] = blobs) -> None:
+            ring = KeyRing(load_kek(kek_file), await SQLiteKeyStore.open(store, create=False))
+            try:
+                assert [await ring.open(b, b"q") for b in blobs] == [b"from 0", b"from 1"]
+            finally:
+                await ring.close()
+
+        asyncio.run(check())
+    keys = asyncio.run(_records(store))
+    assert [r.key_id for r in keys] == periods
+
+
+async def _records(store: Path) -> list[crypto.KeyRecord]:
+    ks = await SQLiteKeyStore.open(store, create=False)
+    try:
+        return await ks.list()
+    finally:
+        await ks.close()
