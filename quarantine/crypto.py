@@ -400,17 +400,26 @@ class KeyRing:
 
 
 async def open_keyring(
-    key_file: str, root: Path, *, create: bool, clock: Callable[[], datetime] = utcnow
+    key_file: str, root: Path, *, create: bool, clock: Callable[[], datetime] = utcnow,
+    dsn: str = "", key_dsn: str = "",
 ) -> KeyRing | None:
-    """The key ring for the embedded store at ``root``: the KEK from
-    ``key_file`` and the SQLite key store ``root/keys/datakeys.db``.
-    None when ``key_file`` is "" (no encryption)."""
+    """The key ring: the KEK from ``key_file`` and the key store apart from the
+    data.  The embedded store at ``root`` (``dsn`` ""): the SQLite key store
+    ``root/keys/datakeys.db``.  The shared PostgreSQL store (``dsn`` set): the
+    key database ``key_dsn`` (default: the data database's name + ``_keys``),
+    which every gateway shares.  None when ``key_file`` is "" (no encryption)."""
     if not key_file:
         return None
     try:
         kek = await asyncio.to_thread(load_kek, key_file)
     except KekError as exc:
         raise KekError(f"store.key_file: {exc}") from None
+    if dsn:
+        from quarantine.postgres_keys import PostgresKeyStore, keys_dsn
+
+        target = keys_dsn(dsn, key_dsn)
+        pg_keys = await PostgresKeyStore.open(target, create=create, data_dsn=dsn)
+        return KeyRing(kek, pg_keys, clock=clock, where=pg_keys.where)
     from quarantine.sqlite_keys import SQLiteKeyStore
 
     keys = await SQLiteKeyStore.open(root, create=create)

@@ -261,7 +261,10 @@ async def open_store(
     """
     from quarantine.crypto import open_keyring
 
-    ring = await open_keyring(settings.key_file, Path(settings.path), create=create, clock=clock)
+    shared = settings.backend == "postgresql"
+    ring = await open_keyring(settings.key_file, Path(settings.path), create=create, clock=clock,
+                              dsn=settings.dsn if shared else "",
+                              key_dsn=settings.key_dsn if shared else "")
     extra: dict[str, Any] = {"keyring": ring} if ring is not None else {}
     try:
         if settings.backend == "postgresql":
