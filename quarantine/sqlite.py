@@ -866,8 +866,9 @@ class SQLiteStore:
             where.append("scope_kind = ?")
             args.append(scope_kind)
         if scope:
-            where.append(f"scope IN ({_marks(len(scope))})")
-            args += list(scope)
+            values = list(scope)
+            where.append(f"scope IN ({_marks(len(values))})")
+            args += values
         if state is not None:
             where.append("state = ?")
             args.append(state)
