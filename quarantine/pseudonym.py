@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections.abc import Iterable
@@ -199,11 +200,29 @@ class Pseudonymiser:
         return out
 
 
+def _strings(value: Any) -> Iterable[str]:
+    if type(value) is str:
+        yield value
+    elif type(value) is list:
+        for v in value:
+            yield from _strings(v)
+    elif type(value) is dict:
+        for v in value.values():
+            yield from _strings(v)
+
+
 def candidates(record_text: str, index: Iterable[str]) -> set[str]:
     """Every address a record's pseudonyms can stand for: its index
-    addresses and the addresses written in it."""
+    addresses and the addresses written in its text values (decoded, so
+    that an escaped newline does not glue onto an address)."""
     out = {normalize(a) for a in index}
-    out |= addresses_in(record_text)
+    if "@" in record_text:
+        try:
+            rec = json.loads(record_text)
+        except ValueError:
+            rec = record_text
+        for text in _strings(rec):
+            out |= addresses_in(text)
     out.discard("")
     return out
 
