@@ -68,6 +68,9 @@ ADDRESS_RE = re.compile(r"[^\s<>()\[\]\\,;:\"'@]+@[^\s<>()\[\]\\,;:\"'@]+")
 _WORDS = re.compile(r"([\w.+-]+)")
 _HEADER_KEYS = frozenset({"from", "to", "cc"})
 _DROPPED = frozenset({"address_digest"})
+#: Record keys that never hold an address (set by mailwarden, not by the mail).
+_PLAIN_KEYS = frozenset({"time", "queue_id", "direction", "size", "personal", "elapsed_ms",
+                         "filter_ms", "quarantine_id", "disposition", "client_addr"})
 
 
 def new_key() -> bytes:
@@ -95,6 +98,7 @@ class Pseudonymiser:
             raise ValueError("pseudonym key too short")
         self._key = key
         self._cache: dict[str, str] = {}
+        self._locals: dict[str, tuple[str, str]] = {}
 
     @property
     def key(self) -> bytes:
@@ -147,15 +151,24 @@ class Pseudonymiser:
             return {k: self.scrub(v) for k, v in value.items()}
         return value
 
+    def _local(self, address: str) -> tuple[str, str]:
+        """(local part, normalised address) of ``address``, cached."""
+        got = self._locals.get(address)
+        if got is None:
+            norm = normalize(address)
+            got = (norm.rsplit("@", 1)[0] if "@" in norm else "", norm)
+            self._locals[address] = got
+        return got
+
     def subject(self, value: str, own: Iterable[str]) -> str:
         """A subject: addresses replaced, and words equal to the local part
         (3 characters or more) of one of the record's own addresses."""
         value = self.text(value)
+        low = value.lower()
         locals_: dict[str, str] = {}
         for a in own:
-            norm = normalize(a)
-            local = norm.rsplit("@", 1)[0] if "@" in norm else ""
-            if len(local) >= 3:
+            local, norm = self._local(a)
+            if len(local) >= 3 and local in low:
                 locals_.setdefault(local, norm)
         if not locals_:
             return value
@@ -174,10 +187,13 @@ class Pseudonymiser:
         """A stored log record with its addresses replaced (see the module doc)."""
         own: list[str] = []
         out: dict[str, Any] = {}
+        subject: Any = None
         for k, v in rec.items():
-            if k in _DROPPED:
+            if k in _PLAIN_KEYS:
+                out[k] = v
+            elif k in _DROPPED:
                 continue
-            if k == "mail_from" and type(v) is str:
+            elif k == "mail_from" and type(v) is str:
                 own.append(v)
                 out[k] = self.address(v) if "@" in v else self.text(v)
             elif k == "rcpt_tos" and type(v) is list:
@@ -185,18 +201,19 @@ class Pseudonymiser:
                 out[k] = [self.address(r) if type(r) is str and "@" in r else self.scrub(r)
                           for r in v]
             elif k in _HEADER_KEYS and type(v) is str:
-                own.extend(ADDRESS_RE.findall(v))
-                out[k] = self.header(v)
+                found = ADDRESS_RE.findall(v) if "@" in v else []
+                own.extend(found)
+                out[k] = ", ".join(self.address(a) for a in found)
             elif k == "message_id" and type(v) is str:
                 out[k] = self.token(v)
             elif k == "subject":
-                continue  # below, once every own address is known
+                out[k] = subject = v  # replaced below, once every own address is known
             else:
                 out[k] = self.scrub(v)
-        if "subject" in rec:
-            subject = rec["subject"]
-            out["subject"] = (self.subject(subject, own) if type(subject) is str
-                              else self.scrub(subject))
+        if type(subject) is str:
+            out["subject"] = self.subject(subject, own)
+        elif subject is not None:
+            out["subject"] = self.scrub(subject)
         return out
 
 
