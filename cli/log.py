@@ -8,6 +8,12 @@ the SHA-256 of the bytes written and whether it completed (so an interrupted
 export is visible as such).  ``verify`` reads only hashes and shows no data,
 so it is not audited.
 
+Exports are pseudonymised (``quarantine/pseudonym.py``): each gets an id
+(printed on stderr, in every record) and a random HMAC key kept in the
+store's ``export`` table; ``log reidentify EXPORT_ID PSEUDONYM`` finds the
+address again.  ``--identified`` exports and re-identification need an
+approved grant when access control applies (``quarantine/grants.py``).
+
 Exit status: 0 success, 1 failure (store unusable, output not writable, a
 broken chain), 2 usage or configuration error.
 """

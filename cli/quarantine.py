@@ -14,6 +14,13 @@ of access, rectification, erasure"*.  The rules every command here follows:
   personal also needs ``--exceptional``, and the audit row is then marked
   exceptional.  Without ``--body`` only headers and the attachment list are
   shown.  ``subject-access --include-bodies`` follows the same rule.
+* With access control (the command came through the control socket:
+  ``quarantine.access.current().enforced``), the commands that read content
+  or change an item take ``--ground G --case C`` (required; recorded in the
+  audit row's detail), a personal body needs an approved grant instead of
+  ``--exceptional`` (``quarantine/grants.py``), a reviewer deletes only
+  items not marked personal, and ``hold`` needs ``--case``.  Refusals are
+  audited as ``<command> (refused)``.
 * Exit status: 0 success; 1 failure (store unreadable, unknown item, next hop
   refused, item under hold); 2 usage (a missing reason or flag, a bad id or
   date, a recipient that was not an original one).  Every refusal is one line

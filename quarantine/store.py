@@ -18,6 +18,12 @@ Tables (schema versioned, see ``MIGRATIONS``):
   edit breaks the chain; ``log_address`` indexes the addresses.
 * ``audit``: every access to kept data (chained the same way).
 * ``meta``: schema version and chain anchors.
+* ``access_request`` (schema v2): exceptional-access requests and, once a
+  second person approved them, grants (``quarantine/grants.py``).
+* ``export`` (schema v2): every log export (id, time, user, ground, case,
+  filters) with its pseudonym key (``quarantine/pseudonym.py``).
+* ``quarantine.hold_case`` / ``hold_until`` (schema v2): the investigation a
+  hold is for and when it ends (``release_expired_holds``).
 
 All SQL is plain and parameterised, in ``quarantine/sqlite.py``.  Writes
 from the event loop go through aiosqlite's thread, file I/O through an

@@ -9,7 +9,9 @@ with a matching SHA-256 manifest line; every export and stats run is audited
 (before and after); spreadsheet formulas are neutralised in csv; a progress
 bar appears only on a terminal; ``log verify`` passes, then fails naming the
 record after one stored value is edited with sqlite3; usage and config errors
-exit 2, an absent store exits 1.
+exit 2, an absent store exits 1.  The exports here are ``--identified`` where
+they compare real addresses (pseudonymised exports:
+tests/integration/test_access_grants.py).
 """
 
 from __future__ import annotations
