@@ -1,5 +1,6 @@
-"""quarantine/pseudonym.py, quarantine/grants.py and the store's access-control
-methods (schema v2) against a real SQLite store with an injected clock.
+"""quarantine/pseudonym.py, quarantine/grants.py and the schema v2 migration
+against a real SQLite store with an injected clock (the store methods
+themselves, on every backend: tests/unit/test_store_protocol_access.py).
 
 Proves: pseudonyms are stable within a key and differ across keys, ignore
 case and angle brackets, drop display names, replace addresses anywhere in
@@ -7,8 +8,8 @@ text and the record's own local parts in the subject (not other words), and
 leave out the unkeyed digests; re-identification recomputes the HMAC over an
 export's records; grants open only what their scope allows, for their holder
 and case, until they expire; a pending request is decided once; the
-requester never decides; without access control nothing is required; holds
-with an end are released only once it has passed; a store of schema v1
+requester never decides; without access control nothing is required; a
+store of schema v1
 (audit rows, quarantine items) migrates to v2 and both chains still verify.
 """
 
@@ -192,41 +193,6 @@ def test_grounds_and_cases() -> None:
 
 
 # ----------------------------------------------------------------- store
-
-
-async def test_exports_and_expiring_holds(store: Store, clock: Clock) -> None:
-    await store.add_export({"id": "E1", "time": iso(T0), "user": "u", "uid": 1, "ground": "",
-                            "case_ref": "", "filters": {"address": "a@x.test", "up_to": 3},
-                            "identified": False, "hmac_key": KEY.hex()})
-    got = await store.get_export("E1")
-    assert got is not None and got["filters"] == {"address": "a@x.test", "up_to": 3}
-    assert got["identified"] is False and bytes.fromhex(got["hmac_key"]) == KEY
-    assert await store.get_export("E2") is None
-
-    ids = []
-    for n in range(3):
-        ids.append(await store.quarantine(
-            raw=b"Subject: x\r\n\r\nx\r\n", queue_id=f"Q{n}", received=T0, direction="inbound",
-            client_addr="192.0.2.1", helo="h", mail_from="a@x.test", rcpt_tos=["b@x.test"],
-            headers={"subject": "x"}, reason="attachment_types", detail="", personal=False,
-            verdicts=[]))
-    await store.set_hold(ids[0], True, case="C1", until=iso(T0 + timedelta(days=1)))
-    await store.set_hold(ids[1], True, case="C2")
-    item = await store.get_item(ids[0])
-    assert item is not None and (item["hold_case"], item["hold_until"]) == (
-        "C1", iso(T0 + timedelta(days=1)))
-    assert await store.release_expired_holds(iso(T0)) == []
-    later = iso(T0 + timedelta(days=2))
-    assert await store.release_expired_holds(later, dry_run=True) == [
-        (ids[0], "C1", iso(T0 + timedelta(days=1)))]
-    assert (await store.get_item(ids[0]) or {})["hold"] is True
-    assert [r[0] for r in await store.release_expired_holds(later)] == [ids[0]]
-    item = await store.get_item(ids[0])
-    assert item is not None and (item["hold"], item["hold_case"], item["hold_until"]) == (
-        False, None, None)
-    assert (await store.get_item(ids[1]) or {})["hold"] is True
-    await store.set_hold(ids[1], False)
-    assert (await store.get_item(ids[1]) or {})["hold_case"] is None
 
 
 async def test_a_v1_store_migrates_and_its_chains_verify(tmp_path: Path, clock: Clock,
