@@ -271,7 +271,7 @@ def main() -> int:
             assert rc == 0, err
             manifest = err.strip().splitlines()[-1]
             assert manifest.endswith(f"{n} records"), manifest
-            report(f"mailwarden log export {fmt} {' '.join(extra)}".rstrip(), wall, rss, out, n)
+            report(f"log export {fmt} {' '.join(extra)}".rstrip(), wall, rss, out, n)
             out.unlink()
 
         with sqlite3.connect(store / DB_NAME) as db:
