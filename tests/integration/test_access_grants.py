@@ -22,7 +22,8 @@ re-identification is refused without a grant and allowed with one; an
 identified export needs a grant for its --address; a reviewer deletes only
 non-personal items; a hold names its case, shows in ``quarantine list`` and,
 once its ``--until`` has passed, is released by ``purge`` and the item
-purged; a store of schema v1 migrates and its audit chain still verifies.
+purged (in-process on the injected clock, and as real processes with
+libfaketime).
 """
 
 from __future__ import annotations
@@ -524,3 +525,33 @@ def test_holds_name_a_case_and_expire_at_purge(env: Env) -> None:
     assert env.run("quarantine", "unhold", personal, "--reason", "closed").exit_code == 0
     item = json.loads(env.run("quarantine", "list", "--json").stdout)
     assert (item["hold"], item["hold_case"]) == (False, None)
+
+
+def faketime(offset: str) -> dict[str, str]:
+    """The environment that runs a process ``offset`` later (libfaketime
+    preloaded, without the ``faketime`` wrapper's named semaphore)."""
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not libs:
+        pytest.fail("libfaketime.so.1 not found (Debian package faketime)", pytrace=False)
+    return {"LD_PRELOAD": str(libs[0]), "FAKETIME": offset}
+
+
+def test_a_real_purge_under_a_shifted_clock_releases_an_expired_hold(env: Env) -> None:
+    """The same, with real processes on the real clock (the items were received
+    on the fixture's clock, in November 2026)."""
+    plain, personal = env.ids["plain"], env.ids["personal"]
+    until = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%d")
+    proc = env.proc("quarantine", "hold", plain, "--case", "INV-1", "--until", until,
+                    "--reason", "r")
+    assert proc.returncode == 0, proc.stderr
+    assert env.proc("quarantine", "hold", personal, "--case", "INV-2", "--reason",
+                    "r").returncode == 0
+    base = {k: v for k, v in os.environ.items() if k != "MAILWARDEN_CONFIG"}
+    later = subprocess.run([*CLI, "purge", "--config", str(env.config)], capture_output=True,
+                           timeout=60, env={**base, **faketime("+200d")}, cwd=REPO, text=True)
+    assert later.returncode == 0, later.stderr
+    assert f"hold expired, released: {plain} (case INV-1, until {until}T23:59:59" in later.stdout
+    assert "quarantine items removed: 1 (1 files); kept under legal hold: 1" in later.stdout
+    left = [json.loads(x)["id"] for x in env.proc("quarantine", "list", "--json", "--state",
+                                                   "all").stdout.splitlines()]
+    assert left == [personal]
