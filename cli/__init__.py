@@ -11,6 +11,7 @@ Where each command lives:
 * cli/data.py: ``purge``, ``subject-access``, ``erase``;
 * cli/access.py: ``access request|approve|deny|list`` (two-person approval)
   and the ``--ground``/``--case`` options;
+* cli/store.py: ``store keygen``;
 * cli/common.py: what they share (``--config``, :func:`~cli.common.fail`,
   one-line usage errors, the store runner, logging).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import click
 
 from cli import access, audit, data, log, quarantine, serve
+from cli import store as store_cli
 from cli.common import Group, config_option
 
 __all__ = ["main"]
@@ -56,3 +58,4 @@ main.add_command(data.purge)
 main.add_command(data.subject_access)
 main.add_command(data.erase)
 main.add_command(access.access)
+main.add_command(store_cli.store)
