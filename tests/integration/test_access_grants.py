@@ -306,6 +306,23 @@ def test_deny_and_an_address_grant_opens_personal_bodies_of_that_address(env: En
                      "absence", "--case", "1", "--reason", "x", as_=HR1), 1, "no quarantine item")
 
 
+def test_subject_access_with_personal_bodies_needs_a_grant(env: Env) -> None:
+    args = ("subject-access", "friend@ext.test", "--include-bodies", "--exceptional",
+            "--reason", "DSAR 4", "--ground", "subject-access", "--case", "DSAR-4")
+    one_line(env.run(*args, as_=DPO), 1, "refused", "personal mail of friend@ext.test")
+    one_line(env.run("subject-access", "friend@ext.test", as_=DPO), 2, "--ground")
+    rid = request(env, DPO, "--address", "friend@ext.test", ground="subject-access",
+                  case="DSAR-4")
+    assert env.run("access", "approve", rid, as_=DANA).exit_code == 0  # another dpo
+    res = env.run(*args, as_=DPO)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    bodies = {i["id"]: i.get("message", "") for i in doc["quarantine_items"]}
+    assert "very private words" in bodies[env.ids["personal"]]
+    row = next(r for r in env.audit() if r["command"] == "subject-access")
+    assert row["detail"]["grant"] == rid and row["detail"]["case"] == "DSAR-4"
+
+
 def test_direct_mode_keeps_the_exceptional_flag_and_records_ground_and_case(env: Env) -> None:
     personal = env.ids["personal"]
     one_line(env.run("quarantine", "show", personal, "--body", "--reason", "x"), 2,

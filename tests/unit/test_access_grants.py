@@ -214,7 +214,7 @@ async def test_a_v1_store_migrates_and_its_chains_verify(tmp_path: Path, clock: 
     new = await Store.open(root, clock=clock)
     try:
         async with new.db.execute("PRAGMA user_version") as cur:
-            assert (await cur.fetchone())[0] == len(sqlite_mod.MIGRATIONS) == 2
+            assert (await cur.fetchone())[0] == len(sqlite_mod.MIGRATIONS) >= 2
         item = await new.get_item(qid)
         assert item is not None and item["hold_case"] is None and item["personal"] is True
         await new.audit("access list", detail={"count": 0})
