@@ -239,7 +239,9 @@ def _print_item(item: dict[str, Any]) -> None:
         ("Subject", item["subject"] or ""),
         ("Reason", item["reason"]),
         ("Detail", item["detail"]),
-        ("Personal", "yes (body only with --exceptional)" if item["personal"] else "no"),
+        ("Personal", ("yes (body only as an exceptional access: "
+                      + ("an approved grant)" if current().enforced else "--exceptional)"))
+         if item["personal"] else "no"),
         ("Legal hold", (_hold_text(item).replace("HOLD", "yes", 1) if item["hold"] else "no")),
         ("Size", f"{item['size']} bytes"),
         ("SHA-256", item["sha256"]),
