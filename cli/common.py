@@ -202,6 +202,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     (a message file, an output file) exits 1 too.  A reader that went away
     (``| head``) ends it quietly with status 1.
     """
+    from quarantine.access import Denied
     from quarantine.review import Refusal
     from quarantine.store import NotFound, OnHold, StoreError, open_store
 
@@ -230,6 +231,9 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
         code = asyncio.run(go())
     except Refusal as exc:
         failed(exc.message, exc.code)
+    except Denied as exc:
+        # refused for lack of a role or grant: audited where it was decided
+        failed(exc.message, 1)
     except NotFound as exc:
         failed(f"no quarantine item {exc}", 1)
     except OnHold as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from cli.access import access_enforced, check_purpose, purpose_options
 from cli.common import (
     Command,
     audit_detail,
@@ -26,7 +27,8 @@ from cli.common import (
     run_with_store,
 )
 from gateway.config import Config
-from quarantine import review
+from quarantine import grants, review
+from quarantine.access import current
 from quarantine.review import Refusal
 from quarantine.store import Store, os_user
 
@@ -58,6 +60,9 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         click.echo(f"destruction report {summary['now']}"
                    + (" (dry run: nothing destroyed)" if dry_run else ""))
         click.echo(f"  retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
+        for h in summary.get("holds_released", ()):
+            click.echo(f"  hold {'expired' if dry_run else 'expired, released'}: {h['id']}"
+                       f" (case {h['case'] or '-'}, until {h['until']})")
         files = "" if dry_run else f" ({summary['files_removed']} files)"
         click.echo(f"  quarantine items {verb}: {summary['quarantine_items']}{files};"
                    f" kept under legal hold: {summary['kept_under_hold']}")
@@ -108,18 +113,28 @@ def _print_keys(summary: dict[str, Any], dry_run: bool) -> None:
               help="Include held messages' content (needs --reason).")
 @click.option("--reason", metavar="TEXT", help="Why (recorded in the audit trail).")
 @click.option("--exceptional", is_flag=True,
-              help="With --include-bodies: also the content of mail marked personal.")
+              help="With --include-bodies: also the content of mail marked personal (with"
+                   " access control: needs an approved grant for ADDRESS).")
+@purpose_options
 @click.pass_context
 def subject_access(ctx: click.Context, address: str, output: str | None, include_bodies: bool,
-                   reason: str | None, exceptional: bool) -> None:
+                   reason: str | None, exceptional: bool, ground: str | None,
+                   case: str | None) -> None:
     """Everything kept about ADDRESS (log records, quarantine metadata, audit
     rows) as one JSON document; a summary goes to stderr."""
     addr = check_address(address)
     why = need_reason(reason, "subject-access --include-bodies", required=include_bodies)
+    purpose = check_purpose(ctx, "subject-access", ground, case, required=access_enforced())
     if exceptional and not include_bodies:
         fail("subject-access: --exceptional applies only to --include-bodies", 2)
 
     async def run(store: Store, config: Config) -> int:
+        grant = None
+        if include_bodies and exceptional:
+            grant = await grants.require_grant(
+                store, current(), "subject-access", grants.PERSONAL_BODY, purpose=purpose,
+                what=f"the content of personal mail of {addr}", addresses=[addr],
+                targets=[addr], hint=f"mailwarden access request --address {addr}")
         handle = tmp = None
         if output:
             try:
@@ -133,7 +148,8 @@ def subject_access(ctx: click.Context, address: str, output: str | None, include
                 "subject-access", targets=[addr], reason=why, exceptional=personal_bodies,
                 filters={"include_bodies": include_bodies, "output": output or "-"},
                 detail=audit_detail(log_records=len(subject.log_seqs),
-                                     quarantine_items=len(subject.item_ids)),
+                                     quarantine_items=len(subject.item_ids),
+                                     grant=grant["id"] if grant else None, **purpose.detail()),
             )
             out = handle if handle is not None else sys.stdout
             counts = await review.write_subject_access(
@@ -165,13 +181,16 @@ def subject_access(ctx: click.Context, address: str, output: str | None, include
 @click.argument("address")
 @click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+@purpose_options
 @click.pass_context
-def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool) -> None:
+def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool,
+          ground: str | None, case: str | None) -> None:
     """Erase log records and quarantine items concerning ADDRESS (securely),
     except items under legal hold, which are reported.  Erased log records
     become chain tombstones so `log verify` still holds; audit rows stay."""
     addr = check_address(address)
     why = need_reason(reason, "erase")
+    purpose = check_purpose(ctx, "erase", ground, case, required=access_enforced())
 
     async def run(store: Store, config: Config) -> int:
         subject = await review.find_subject(store, addr)
@@ -179,7 +198,7 @@ def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool) -
         seq = await store.audit(
             "erase", targets=[addr], reason=why,
             detail=audit_detail(log_seqs=subject.log_seqs, quarantine_ids=erasable,
-                                 kept_under_hold=subject.held_ids),
+                                 kept_under_hold=subject.held_ids, **purpose.detail()),
         )
         result = await review.erase(store, subject, audit_seq=seq)
         if as_json:

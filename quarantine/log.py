@@ -64,6 +64,7 @@ from typing import Any, BinaryIO, NamedTuple
 import click
 
 from filters.header_log import address_digest
+from quarantine.pseudonym import Pseudonymiser, candidates
 from quarantine.store import ERASED_KEYS, GENESIS, Row, canonical, chain_hash, iso
 from quarantine.store import StoreProtocol as Store
 
@@ -400,6 +401,7 @@ CSV_COLUMNS = (
     "verdicts",
     "elapsed_ms",
     "hash",
+    "export_id",
 )
 
 _FORMULA_START = frozenset("=+-@\t\r")
@@ -442,12 +444,17 @@ def _verdict_text(v: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def csv_row(row: Row) -> list[str]:
+def csv_row(row: Row, export_id: str | None = None,
+            pseudo: Pseudonymiser | None = None) -> list[str]:
     """One log row flattened to :data:`CSV_COLUMNS`.
 
     Lists become ``"; "``-joined text (the attachment columns are parallel
-    lists), verdicts read ``filter:outcome (detail) key=value ...``."""
+    lists), verdicts read ``filter:outcome (detail) key=value ...``.  With
+    ``pseudo`` the addresses are pseudonymised and the hash left empty
+    (see :mod:`quarantine.pseudonym`)."""
     rec = json.loads(row.record)
+    if pseudo is not None:
+        rec = pseudo.record(rec) if type(rec) is dict else {}
     get = rec.get
     cells = [str(row.seq)]
     cells += [_cell(get(k)) for k in _PLAIN]
@@ -466,14 +473,27 @@ def csv_row(row: Row) -> list[str]:
         _verdict_text(v) for v in get("verdicts") or () if type(v) is dict
     )))
     cells.append(_cell(get("elapsed_ms")))
-    cells.append(row.hash)
+    cells.append("" if pseudo is not None else row.hash)
+    cells.append(export_id or "")
     return cells
 
 
-def jsonl_line(row: Row) -> str:
-    """One log row as a JSON object: ``seq``, ``hash``, then the stored record
-    (spliced, not re-encoded: the record text is exactly what was hashed)."""
+def jsonl_line(row: Row, export_id: str | None = None,
+               pseudo: Pseudonymiser | None = None) -> str:
+    """One log row as a JSON object: ``seq``, ``hash`` (and ``export_id``),
+    then the stored record (spliced, not re-encoded: the record text is
+    exactly what was hashed).  With ``pseudo``: ``seq``, ``export_id`` and
+    the pseudonymised record, re-encoded, without the hash."""
+    if pseudo is not None:
+        try:
+            rec = json.loads(row.record)
+        except ValueError:
+            rec = {}
+        rec = pseudo.record(rec) if type(rec) is dict else {}
+        return _COMPACT({"seq": row.seq, "export_id": export_id, **rec}) + "\n"
     head = f'{{"seq":{row.seq},"hash":"{row.hash}"'
+    if export_id:
+        head += f',"export_id":{_COMPACT(export_id)}'
     body = row.record.strip()
     if body.startswith("{") and body != "{}":
         return head + "," + body[1:] + "\n"
@@ -493,9 +513,16 @@ async def export(
     out: BinaryIO,
     progress: Callable[[int], None] | None = None,
     page_size: int = PAGE_SIZE,
+    *,
+    export_id: str | None = None,
+    pseudo: Pseudonymiser | None = None,
 ) -> ExportResult:
     """Stream the matching records to ``out`` as csv (header row first) or
-    jsonl; returns the row count and the SHA-256 of the bytes written."""
+    jsonl; returns the row count and the SHA-256 of the bytes written.
+
+    Every record carries ``export_id``; with ``pseudo`` its addresses are
+    replaced by that export's pseudonyms (one HMAC per distinct address,
+    cached, so the cost per record is a dict lookup per address)."""
     digest = hashlib.sha256()
     written = 0
     rows = 0
@@ -515,16 +542,53 @@ async def export(
         if fmt == "csv":
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\r\n")
-            writer.writerows(csv_row(r) for r in page)
+            writer.writerows(csv_row(r, export_id, pseudo) for r in page)
             chunk = buf.getvalue()
         else:
-            chunk = "".join(jsonl_line(r) for r in page)
+            chunk = "".join(jsonl_line(r, export_id, pseudo) for r in page)
         emit(chunk.encode("utf-8"))
         rows += len(page)
         if progress is not None:
             progress(len(page))
     out.flush()
     return ExportResult(rows, digest.hexdigest(), written)
+
+
+# ------------------------------------------------------------ re-identification
+
+
+def export_query(filters: dict[str, Any]) -> LogQuery:
+    """The query an export ran (its recorded filters, ``up_to`` included)."""
+    def when(key: str) -> datetime | None:
+        value = filters.get(key)
+        return parse_when(value) if isinstance(value, str) and value else None
+
+    up_to = filters.get("up_to")
+    return LogQuery(since=when("since"), until=when("until"),
+                    address=filters.get("address") or None,
+                    direction=filters.get("direction") or None,
+                    up_to=int(up_to) if isinstance(up_to, int) else None)
+
+
+async def reidentify(store: Store, filters: dict[str, Any], key: bytes, pseudonym: str,
+                     page_size: int = PAGE_SIZE) -> str | None:
+    """The address behind ``pseudonym`` in the export that ran with
+    ``filters`` and ``key``: the HMAC recomputed over the addresses of that
+    export's records (index and text), or None when none matches (records
+    purged or erased since, or not a pseudonym of this export)."""
+    pseudo = Pseudonymiser(key)
+    wanted = pseudonym.strip().lower()
+    seen: set[str] = set()
+    async for page in iter_pages(store, export_query(filters), page_size):
+        index = await _index(store, page[0].seq, page[-1].seq)
+        for row in page:
+            for address in candidates(row.record, index.get(row.seq, ())):
+                if address in seen:
+                    continue
+                seen.add(address)
+                if pseudo.address(address) == wanted:
+                    return address
+    return None
 
 
 # --------------------------------------------------------------------- stats
@@ -583,6 +647,7 @@ __all__ = [
     "last_seq",
     "month_of",
     "parse_when",
+    "reidentify",
     "stats",
     "verify",
     "verify_audit",

@@ -18,6 +18,10 @@ every ``store.purge_interval`` seconds, ``mailwarden serve``) removes
 * orphan message files (a crash between a row's deletion and its file's) in
   day directories older than the cutoff, and then those empty directories.
 
+Before any of that, holds whose ``--until`` has passed are lifted
+(:func:`release_expired_holds`), so their items fall under normal retention
+in the same purge; the summary lists them (``holds_released``).
+
 Secure deletion: ``PRAGMA secure_delete=ON`` (set by the store) zeroes
 deleted rows in the database pages; message files are overwritten before
 unlink (:func:`quarantine.files.secure_delete`); finally
@@ -122,7 +126,9 @@ async def purge(store: Store, config: Config, *, dry_run: bool, command: str) ->
     With ``dry_run`` nothing is deleted; the summary says what would go.
     """
     now = store.clock()
+    released = await release_expired_holds(store, now, dry_run=dry_run)
     summary = await plan(store, config, now)
+    summary["holds_released"] = released
     log_end = summary.pop("_log_end")
     audit_end = summary.pop("_audit_end")
     summary["dry_run"] = dry_run
@@ -158,6 +164,30 @@ async def purge(store: Store, config: Config, *, dry_run: bool, command: str) ->
             summary["kept_under_hold"],
         )
     return summary
+
+
+async def release_expired_holds(store: Store, now: datetime, *,
+                                dry_run: bool = False) -> list[dict[str, Any]]:
+    """Lift the holds whose ``--until`` has passed (issue 17), so the purge
+    that follows applies normal retention to those items; returns what was
+    released (id, case, until).  Audited first (``quarantine hold expired``);
+    with ``dry_run`` only reported."""
+    expired = await store.release_expired_holds(iso(now), dry_run=True)
+    out = [{"id": qid, "case": case, "until": until} for qid, case, until in expired]
+    if not out or dry_run:
+        return out
+    await store.audit("quarantine hold expired", targets=[r["id"] for r in out],
+                      detail={"holds": out})
+    done = await store.release_expired_holds(iso(now))
+    ids = {r[0] for r in done}
+    for r in out:
+        if r["id"] not in ids:
+            log.info("retention: hold on %s changed meanwhile; left as it is", r["id"])
+    released = [r for r in out if r["id"] in ids]
+    if released:
+        log.info("retention: %d expired holds released: %s", len(released),
+                 ", ".join(f"{r['id']} (case {r['case'] or '-'})" for r in released))
+    return released
 
 
 async def _destroy_keys(store: Store, ring: crypto.KeyRing, summary: dict[str, Any]) -> None:
@@ -241,4 +271,4 @@ async def _sweep(store: Store, cutoff: str) -> int:
     return removed
 
 
-__all__ = ["BATCH", "plan", "purge"]
+__all__ = ["BATCH", "plan", "purge", "release_expired_holds"]

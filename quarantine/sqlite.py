@@ -122,7 +122,53 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit (time);
     """,
+    # 2: access control (issue 17): exceptional-access requests and their
+    # grants, pseudonymised exports (with each export's HMAC key), and holds
+    # that name their investigation and may expire.  Additive only: old rows
+    # (and the audit chain over them) are untouched.
+    """
+    CREATE TABLE access_request (
+        id TEXT PRIMARY KEY,
+        created TEXT NOT NULL,
+        requester TEXT NOT NULL,
+        requester_uid INTEGER NOT NULL,
+        scope_kind TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        ground TEXT NOT NULL,
+        case_ref TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        decided TEXT,
+        decided_by TEXT,
+        decided_uid INTEGER,
+        expires TEXT
+    );
+    CREATE INDEX access_request_scope ON access_request (scope_kind, scope);
+    CREATE INDEX access_request_created ON access_request (created);
+    CREATE TABLE export (
+        id TEXT PRIMARY KEY,
+        time TEXT NOT NULL,
+        user TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        ground TEXT NOT NULL DEFAULT '',
+        case_ref TEXT NOT NULL DEFAULT '',
+        filters TEXT NOT NULL DEFAULT '{}',
+        identified INTEGER NOT NULL DEFAULT 0,
+        hmac_key TEXT
+    );
+    ALTER TABLE quarantine ADD COLUMN hold_case TEXT;
+    ALTER TABLE quarantine ADD COLUMN hold_until TEXT;
+    CREATE INDEX quarantine_hold_until ON quarantine (hold_until) WHERE hold = 1
+    """,
 ]
+
+#: Columns of ``access_request`` in the order :func:`request_row` reads them.
+REQUEST_COLUMNS = (
+    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
+    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
+)
+EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
+                  "hmac_key")
 
 
 
@@ -842,19 +888,146 @@ class SQLiteStore:
                 (now, qid),
             )
 
-    async def set_hold(self, qid: str, hold: bool) -> None:
-        """Set or lift the legal hold.  Setting it first re-encrypts a sealed
-        file under the item's own key (``hold:<id>``), which stays until the
-        item is deleted, erased or purged (an unheld item keeps it)."""
+    async def set_hold(self, qid: str, hold: bool, *, case: str | None = None,
+                       until: str | None = None) -> None:
+        """Put ``qid`` under hold (naming its ``case``, until ``until`` or
+        indefinitely) or lift it (case and until cleared).  Setting it first
+        re-encrypts a sealed file under the item's own key (``hold:<id>``),
+        which stays until the item is deleted, erased or purged (an unheld
+        item keeps it)."""
         if hold:
             item = await self.get_item(qid)
             if item is not None:
                 await self._reseal_for_hold(item)
         now = iso(self.clock())
+        if not hold:
+            case = until = None
         async with self.transaction() as db:
             await db.execute(
-                "UPDATE quarantine SET hold = ?, updated = ? WHERE id = ?", (int(hold), now, qid)
+                "UPDATE quarantine SET hold = ?, hold_case = ?, hold_until = ?, updated = ?"
+                " WHERE id = ?",
+                (int(hold), case, until, now, qid),
             )
+
+    async def release_expired_holds(
+        self, now: str, *, dry_run: bool = False
+    ) -> list[tuple[str, str | None, str]]:
+        """(id, case, until) of the holds whose ``until`` is at or before
+        ``now``; unless ``dry_run``, lift them (in the same transaction), so
+        retention applies to those items again."""
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT id, hold_case, hold_until FROM quarantine WHERE hold = 1"
+                " AND hold_until IS NOT NULL AND hold_until <= ? ORDER BY hold_until, id",
+                (now,),
+            ) as cur:
+                rows = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+            if rows and not dry_run:
+                for chunk in _chunks([r[0] for r in rows]):
+                    await db.execute(
+                        "UPDATE quarantine SET hold = 0, hold_case = NULL, hold_until = NULL,"
+                        f" updated = ? WHERE hold = 1 AND id IN ({_marks(len(chunk))})",
+                        [now, *chunk],
+                    )
+        return rows
+
+    # ------------------------------------------------- access control
+
+    async def add_access_request(self, request: Mapping[str, Any]) -> None:
+        """Insert an exceptional-access request (keys :data:`REQUEST_COLUMNS`)."""
+        values = [request.get(c) for c in REQUEST_COLUMNS]
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO access_request (id, created, requester, requester_uid, scope_kind,"
+                " scope, ground, case_ref, reason, state, decided, decided_by, decided_uid,"
+                " expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+    async def get_access_request(self, rid: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
+            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
+            " WHERE id = ?",
+            (rid,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else dict(zip(REQUEST_COLUMNS, row, strict=True))
+
+    async def access_requests(
+        self, *, requester: str | None = None, scope_kind: str | None = None,
+        scope: Sequence[str] = (), state: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests (oldest first), optionally only ``requester``'s, of one
+        scope kind and scope values, in one stored state."""
+        where: list[str] = []
+        args: list[Any] = []
+        if requester is not None:
+            where.append("requester = ?")
+            args.append(requester)
+        if scope_kind is not None:
+            where.append("scope_kind = ?")
+            args.append(scope_kind)
+        if scope:
+            values = list(scope)
+            where.append(f"scope IN ({_marks(len(values))})")
+            args += values
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
+               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
+               " FROM access_request")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created, id"
+        async with self.db.execute(sql, args) as cur:
+            return [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in await cur.fetchall()]
+
+    async def decide_access_request(
+        self, rid: str, *, state: str, decided: str, decided_by: str, decided_uid: int,
+        expires: str | None,
+    ) -> bool:
+        """Approve or deny a *pending* request; False when it was not pending
+        (decided meanwhile: checked inside the updating statement)."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE access_request SET state = ?, decided = ?, decided_by = ?,"
+                " decided_uid = ?, expires = ? WHERE id = ? AND state = 'pending'",
+                (state, decided, decided_by, decided_uid, expires, rid),
+            )
+            changed = cur.rowcount
+            await cur.close()
+        return changed == 1
+
+    async def add_export(self, export: Mapping[str, Any]) -> None:
+        """Record an export (keys :data:`EXPORT_COLUMNS`; ``filters`` a mapping)."""
+        values = [export.get(c) for c in EXPORT_COLUMNS]
+        values[EXPORT_COLUMNS.index("filters")] = canonical(dict(export.get("filters") or {}))
+        values[EXPORT_COLUMNS.index("identified")] = int(bool(export.get("identified")))
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO export (id, time, user, uid, ground, case_ref, filters, identified,"
+                " hmac_key) VALUES (?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+    async def get_export(self, eid: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT id, time, user, uid, ground, case_ref, filters, identified, hmac_key"
+            " FROM export WHERE id = ?",
+            (eid,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip(EXPORT_COLUMNS, row, strict=True))
+        try:
+            out["filters"] = json.loads(out["filters"] or "{}")
+        except ValueError:
+            out["filters"] = {}
+        out["identified"] = bool(out["identified"])
+        return out
 
     async def delete_item(self, qid: str) -> bool:
         """Tombstone the row (blanking everything personal), then overwrite and

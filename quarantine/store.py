@@ -18,6 +18,12 @@ Tables (schema versioned, see ``MIGRATIONS``):
   edit breaks the chain; ``log_address`` indexes the addresses.
 * ``audit``: every access to kept data (chained the same way).
 * ``meta``: schema version and chain anchors.
+* ``access_request`` (schema v2): exceptional-access requests and, once a
+  second person approved them, grants (``quarantine/grants.py``).
+* ``export`` (schema v2): every log export (id, time, user, ground, case,
+  filters) with its pseudonym key (``quarantine/pseudonym.py``).
+* ``quarantine.hold_case`` / ``hold_until`` (schema v2): the investigation a
+  hold is for and when it ends (``release_expired_holds``).
 
 All SQL is plain and parameterised, in ``quarantine/sqlite.py``.  Writes
 from the event loop go through aiosqlite's thread, file I/O through an
@@ -58,6 +64,7 @@ COLUMNS = (
     "id", "received", "queue_id", "direction", "client_addr", "helo", "mail_from",
     "rcpt_tos", "hdr_from", "hdr_to", "subject", "message_id", "hdr_date", "size",
     "reason", "detail", "personal", "hold", "state", "path", "sha256", "verdicts", "updated",
+    "hold_case", "hold_until",
 )
 
 
@@ -196,9 +203,29 @@ class StoreProtocol(Protocol):
     async def delete_body(self, path: str) -> bool: ...
     async def item_is_live(self, qid: str, path: str) -> bool: ...
     async def mark_released(self, qid: str) -> None: ...
-    async def set_hold(self, qid: str, hold: bool) -> None: ...
+    async def set_hold(self, qid: str, hold: bool, *, case: str | None = None,
+                       until: str | None = None) -> None: ...
     async def delete_item(self, qid: str) -> bool: ...
     async def quarantine_totals(self) -> tuple[int, int]: ...
+
+    async def release_expired_holds(
+        self, now: str, *, dry_run: bool = False
+    ) -> list[tuple[str, str | None, str]]: ...
+
+    # access control (issue 17): requests/grants and exports; rows are dicts
+    # with the keys of quarantine.grants.REQUEST_KEYS / EXPORT_KEYS
+    async def add_access_request(self, request: Mapping[str, Any]) -> None: ...
+    async def get_access_request(self, rid: str) -> dict[str, Any] | None: ...
+    async def access_requests(
+        self, *, requester: str | None = None, scope_kind: str | None = None,
+        scope: Sequence[str] = (), state: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+    async def decide_access_request(
+        self, rid: str, *, state: str, decided: str, decided_by: str, decided_uid: int,
+        expires: str | None,
+    ) -> bool: ...
+    async def add_export(self, export: Mapping[str, Any]) -> None: ...
+    async def get_export(self, eid: str) -> dict[str, Any] | None: ...
 
     # subject access and erasure
     async def subject_log_seqs(self, address: str) -> list[int]: ...
