@@ -62,7 +62,14 @@ COLUMNS = (
 
 
 class Row(NamedTuple):
-    """One stored log row."""
+    """One stored log row.
+
+    ``seq`` identifies the record in the whole store (SQLite: its chain
+    position; PostgreSQL: the global id that orders all instances' rows).
+    A backend with several chains also gives the row's ``instance``, its
+    chain position ``pos``, and ``record_hash`` (``sha256(record)``: the
+    chain is then ``hash = chain_hash(prev, record_hash)``).  Empty/0 for
+    SQLite, whose one chain hashes the record itself."""
 
     seq: int
     time: str
@@ -70,6 +77,24 @@ class Row(NamedTuple):
     direction: str
     record: str
     hash: str
+    instance: str = ""
+    pos: int = 0
+    record_hash: str = ""
+
+
+class Chain(NamedTuple):
+    """One hash chain of a store (``log_chains``/``audit_chains``).
+
+    SQLite has one chain (``instance`` ""); PostgreSQL one per gateway
+    instance.  ``anchor`` is the ``prev`` of the oldest remaining row (GENESIS,
+    or the hash of the last row retention purged), ``anchor_seq`` that purged
+    row's chain position (None: not recorded), ``head`` the (position, hash)
+    of the last row ever appended (None: not recorded)."""
+
+    instance: str
+    anchor: str
+    anchor_seq: int | None = None
+    head: tuple[int, str] | None = None
 
 
 class LogFilter(Protocol):
@@ -217,6 +242,15 @@ class StoreProtocol(Protocol):
     async def log_index(self, lo: int, hi: int) -> dict[int, list[str]]: ...
     async def log_anchor(self) -> str: ...
 
+    # chain iteration (for ``mailwarden log verify``): every chain, in chain order
+    async def log_chains(self) -> list[Chain]: ...
+    async def log_chain_page(self, instance: str, after: int, limit: int) -> list[Row]: ...
+    async def audit_chains(self) -> list[Chain]: ...
+    async def audit_chain_page(
+        self, instance: str, after: int, limit: int
+    ) -> list[tuple[Any, ...]]: ...
+    async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]: ...
+
     # audit
     async def audit(
         self, command: str, *, targets: Sequence[str] = (),
@@ -283,7 +317,7 @@ if TYPE_CHECKING:
     Store = SQLiteStore
 
 __all__ = [
-    "COLUMNS", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
+    "COLUMNS", "Chain", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
     "NotFound", "OnHold", "Row", "SQLiteStore", "Store", "StoreError", "StoreProtocol",
     "addresses_of", "canonical", "chain_hash", "erased_record", "is_erased", "iso",
     "new_quarantine_id", "open_store", "os_user", "utcnow",
