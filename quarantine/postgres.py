@@ -447,6 +447,9 @@ class PostgresStore:
             max_size=max(1, pool_size),
             open=False,
             timeout=pool_timeout,
+            # give up on one reconnection attempt soon: the next request then
+            # starts a fresh one at once instead of after a long backoff
+            reconnect_timeout=max(30.0, 3 * pool_timeout),
             check=AsyncConnectionPool.check_connection,
             name=f"mailwarden-{instance}",
         )
