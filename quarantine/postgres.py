@@ -408,6 +408,7 @@ class PostgresStore:
         self._outbox_lock = asyncio.Lock()
         self._outbox_warned = 0.0
         self._backoff = 0.5
+        self._next_retry = 0.0
         self._anchor_at = time.monotonic()
         self._log_queue: asyncio.Queue[dict[str, Any] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -857,7 +858,8 @@ class PostgresStore:
         while not stop:
             try:
                 if self._outbox_count:
-                    item = await asyncio.wait_for(queue.get(), self._backoff)
+                    wait = max(0.0, self._next_retry - loop.time())
+                    item = await asyncio.wait_for(queue.get(), wait)
                 else:
                     item = await queue.get()
             except TimeoutError:
@@ -893,14 +895,17 @@ class PostgresStore:
     async def _write_records(self, batch: Sequence[dict[str, Any]]) -> None:
         pairs = [(uuid.uuid4().hex, rec) for rec in batch]
         if self._outbox_count:
-            # keep the order: these go after the records already waiting
+            # keep the order: these go after the records already waiting; the
+            # next shipment is tried when its backoff is over, not per batch
             await self._to_outbox(pairs, None)
-            await self._drain_quietly()
+            if asyncio.get_running_loop().time() >= self._next_retry:
+                await self._drain_quietly()
             return
         try:
             await self._insert_log(pairs)
         except _UNREACHABLE as exc:
             await self._to_outbox(pairs, exc)
+            self._next_retry = asyncio.get_running_loop().time() + self._backoff
 
     async def _to_outbox(
         self, pairs: Sequence[tuple[str, Mapping[str, Any]]], exc: BaseException | None
@@ -944,6 +949,7 @@ class PostgresStore:
                         await asyncio.to_thread(self.outbox.replace, rest)
                     self._outbox_count = len(rest)
                     self._backoff = min(self._backoff * 2, self.retry_max)
+                    self._next_retry = asyncio.get_running_loop().time() + self._backoff
                     log.debug("log outbox: PostgreSQL still unreachable: %s", exc)
                     return len(rest)
                 except psycopg.Error as exc:

@@ -43,10 +43,10 @@ def rec(n: int, *addrs: str) -> dict[str, Any]:
             "subject": f"s{n}", "addresses": list(addrs)}
 
 
-async def hold(store: PostgresStore, subject: str = "hi") -> str:
+async def hold(store: PostgresStore, subject: str = "hi", received: datetime = T0) -> str:
     raw = f"From: a@ext.test\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
     return await store.quarantine(
-        raw=raw, queue_id="Q" + subject, received=T0, direction="inbound",
+        raw=raw, queue_id="Q" + subject, received=received, direction="inbound",
         client_addr="192.0.2.1", helo="mx.test", mail_from="a@ext.test",
         rcpt_tos=["b@example.com"], headers={"from": "a@ext.test", "subject": subject},
         reason="clamav", detail="Eicar", personal=False, verdicts=[],
@@ -342,3 +342,87 @@ async def test_outbox_ships_after_reopen_and_exactly_once(
             own_server.start()
         for s in opened:
             await s.close()
+
+
+# ------------------------------------------- review and retention on PostgreSQL
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def config(tmp_path: Path, dsn: str, **store: Any) -> Any:
+    from gateway.config import parse_config
+
+    return parse_config(
+        {"gateway": {"internal_domains": ["example.com"]},
+         "store": {"path": str(tmp_path / "gw-a"), "backend": "postgresql", "dsn": dsn,
+                   **store},
+         "filters": {"chain": []}}
+    )
+
+
+async def test_retention_purge_across_instances(stores: tuple[Open, str], tmp_path: Path) -> None:
+    """quarantine/retention.py on PostgreSQL: expired items and bodies go,
+    held ones stay; each instance's log prefix goes with its anchor moved, and
+    every chain (and the anchors naming purged heads) still verifies."""
+    from datetime import timedelta
+
+    from quarantine import retention, review
+
+    open_store, dsn = stores
+    clock = Clock(T0)
+    a = await open_store("gw-a", clock=clock)
+    b = await open_store("gw-b", clock=clock)
+    old, kept = await hold(a, "old"), await hold(b, "kept")
+    await review.set_hold(a, kept, True)
+    for n in range(3):
+        await a.write_log_batch([rec(n)])
+        await b.write_log_batch([rec(10 + n)])
+    await a.checkpoint()  # an anchor naming heads that retention then purges
+    clock.now = T0 + timedelta(days=80)
+    new = await hold(b, "new", clock.now)
+    await a.write_log_batch([dict(rec(99), time=iso(clock.now))])
+    await b.write_log_batch([dict(rec(98), time=iso(clock.now))])
+    clock.now = T0 + timedelta(days=100)
+    summary = await retention.purge(a, config(tmp_path, dsn), dry_run=False, command="purge")
+    assert summary["quarantine_items"] == 1 and summary["files_removed"] == 1
+    assert summary["log_records"] == 6 and summary["checkpoint"] == "truncated"
+    assert await sql(dsn, "SELECT id FROM quarantine ORDER BY id") == sorted(
+        [(kept,), (new,)])
+    assert await sql(dsn, "SELECT count(*) FROM body") == [(2,)]
+    assert await sql(dsn, "SELECT instance, seq FROM log ORDER BY instance") == [
+        ("gw-a", 4), ("gw-b", 4)]
+    result = await verify(b)
+    assert result.ok and "2 records" in result.message, result.message
+    assert (await verify_audit(a)).ok
+    with pytest.raises(FileNotFoundError):
+        await b.read_body({"id": old, "path": f"pg:{old}"})
+
+
+async def test_review_integrity_and_erasure(stores: tuple[Open, str]) -> None:
+    from quarantine import review
+
+    open_store, dsn = stores
+    a, b = await open_store("gw-a"), await open_store("gw-b")
+    qid = await hold(a, "checked")
+    item = await review.get_item(b, qid)
+    assert b"body" in await review.read_message(b, item)
+    await sql(dsn, "UPDATE body SET data = 'altered'::bytea")
+    with pytest.raises(review.IntegrityError, match="SHA-256"):
+        await review.read_message(b, item)
+
+    await a.write_log_batch([rec(1, "bob@example.com")])
+    await b.write_log_batch([rec(2, "carol@example.com"), rec(3, "bob@example.com")])
+    subject = await review.find_subject(a, "bob@example.com")
+    assert subject.log_seqs == [1, 3]
+    seq = await b.audit("erase", targets=["bob@example.com"], reason="request",
+                        detail={"log_seqs": subject.log_seqs})
+    result = await review.erase(b, subject, audit_seq=seq)
+    assert result["log_records"] == 2
+    verdict = await verify(a)
+    assert verdict.ok and "erased records: 2" in verdict.message, verdict.message
