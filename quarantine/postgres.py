@@ -1213,8 +1213,12 @@ class PostgresStore:
     # ---------------------------------------------------------- retention
 
     async def _prefix_end(self, table: str, cutoff: str) -> int:
-        row = await self._one(f"SELECT min(id) FROM {table} WHERE time >= %s", (cutoff,))
-        if row and row[0] is not None:
+        # the first row to keep, walking the primary key from the oldest:
+        # retention runs often, so the expired prefix is short
+        row = await self._one(
+            f"SELECT id FROM {table} WHERE time >= %s ORDER BY id LIMIT 1", (cutoff,)
+        )
+        if row is not None:
             return int(row[0]) - 1
         row = await self._one(f"SELECT coalesce(max(id), 0) FROM {table}")
         return int(row[0]) if row else 0

@@ -2,9 +2,11 @@
 
 :class:`StoreProtocol` lists the domain methods the rest of mailwarden uses
 (quarantine, log append/iterate, audit, subject access, erasure, retention,
-metrics counts); no SQL outside a backend module.  The first backend is
-:class:`quarantine.sqlite.SQLiteStore` (schema and migrations live there);
-``Store`` stays the name callers open a store with (``await Store.open(path)``).
+metrics counts); no SQL outside a backend module.  The backends:
+:class:`quarantine.sqlite.SQLiteStore` (the default; ``Store`` stays the name
+callers open a SQLite store with, ``await Store.open(path)``) and
+:class:`quarantine.postgres.PostgresStore` (several gateways on one database;
+docs/store.md); :func:`open_store` picks one from ``[store] backend``.
 
 The SQLite layout under ``store.path``: one database (WAL) and message files.
 
@@ -184,7 +186,7 @@ def addresses_of(values: Iterable[str | None]) -> set[str]:
 
 
 class StoreProtocol(Protocol):
-    """What mailwarden needs from a store backend (SQLite today; PostgreSQL next).
+    """What mailwarden needs from a store backend (SQLite, PostgreSQL: docs/store.md).
 
     Quarantine items are dicts with the keys :data:`COLUMNS`; times are ISO
     strings from :func:`iso`.  Log and audit appends take their chain position
