@@ -358,8 +358,11 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
     by its ``erase`` audit row (which lists the erased seqs);
     :func:`verify_audit` proves that row authentic.
     """
-    chains = await store.log_chains()
+    # anchors first, then the heads, then the rows up to those heads: records
+    # appended meanwhile are left for the next run, and an anchor can only
+    # name a position at or below the heads read after it
     anchors = await _anchors(store, page_size)
+    chains = await store.log_chains()
     failures: list[_Failure] = []
     bad = 0
     checked = 0
@@ -373,7 +376,12 @@ async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
         prev_pos = chain.anchor_seq
         after = chain.anchor_seq or 0
         end = None
+        stop = chain.head[0] if chain.head is not None else None
         while page := await store.log_chain_page(chain.instance, after, page_size):
+            if stop is not None:
+                page = [r for r in page if (r.pos or r.seq) <= stop]
+                if not page:
+                    break
             index = await _index(store, min(r.seq for r in page), max(r.seq for r in page))
             for row in page:
                 pos = row.pos or row.seq
@@ -475,8 +483,8 @@ async def _erased_by(store: Store, audit_seq: int) -> set[int] | None:
 async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:
     """Recompute every audit chain from its anchor (and, on PostgreSQL,
     check the anchored audit heads)."""
-    chains = await store.audit_chains()
     anchors = await _anchors(store, page_size)
+    chains = await store.audit_chains()
     wanted = {(i, p) for (k, i, p) in anchors.claims if k == "audit"}
     seen: dict[tuple[str, int], str] = {}
     last: dict[str, int] = {}
@@ -488,7 +496,12 @@ async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:
         prev_pos = chain.anchor_seq
         after = chain.anchor_seq or 0
         end: tuple[int, str] | None = None
+        stop = chain.head[0] if chain.head is not None else None
         while rows := await store.audit_chain_page(chain.instance, after, page_size):
+            if stop is not None:
+                rows = [r for r in rows if r[11] <= stop]
+                if not rows:
+                    break
             for row in rows:
                 (seq, t, user, uid, command, targets, filters, reason, exceptional, detail, h,
                  pos, instance, record_hash) = row

@@ -515,23 +515,24 @@ class PostgresStore:
 
     async def check(self) -> tuple[bool, str]:
         """For ``mailwarden check``: the backend, database, instance, schema
-        version, and whether the database takes writes."""
+        version, and a write test (a body row inserted and rolled back)."""
         head = f"store postgresql {self.where}: instance {self.instance}"
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT (SELECT max(version) FROM schema_version), pg_is_in_recovery(),"
-                    " current_database()"
+                    "SELECT (SELECT max(version) FROM schema_version), current_database()"
                 )
                 row = await cur.fetchone()
+                assert row is not None
+                version, dbname = row
+                async with conn.transaction(force_rollback=True):
+                    await conn.execute(
+                        "INSERT INTO body (path, id, data) VALUES ('check:probe', '', '')"
+                    )
         except psycopg.Error as exc:
             return False, f"{head}: {str(exc).strip()}"
-        assert row is not None
-        version, standby, dbname = row
         waiting = self._outbox_count
         extra = f"; log outbox: {waiting} records waiting" if waiting else ""
-        if standby:
-            return False, f"{head}, database {dbname}, schema v{version}: read-only (standby)"
         return True, f"{head}, database {dbname}, schema v{version}, writable{extra}"
 
     @contextlib.asynccontextmanager

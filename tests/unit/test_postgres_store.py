@@ -199,6 +199,42 @@ async def test_check_names_backend_database_instance_and_schema(
     assert await sql(dsn, "SELECT version FROM schema_version") == [(1,)]
 
 
+async def test_check_fails_on_a_read_only_database(stores: tuple[Open, str]) -> None:
+    open_store, dsn = stores
+    await (await open_store("gw-a")).close()
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    await sql(dsn, f"ALTER DATABASE {dbname} SET default_transaction_read_only = on")
+    ok, text = await (await open_store("gw-b", create=False)).check()
+    assert not ok and "read-only" in text, text
+
+
+async def test_verify_while_instances_keep_appending(stores: tuple[Open, str]) -> None:
+    """A verify run reads the anchors, then the heads, then the rows up to
+    those heads: records appended meanwhile are not reported as breaks."""
+    open_store, _ = stores
+    a = await open_store("gw-a", anchor_interval=0.0)
+    b = await open_store("gw-b", anchor_interval=0.0)
+    done = asyncio.Event()
+
+    async def appender(store: PostgresStore, tag: int) -> None:
+        n = 0
+        while not done.is_set():
+            n += 1
+            await store.write_log_batch([rec(tag * 10000 + n)])
+            await store.audit("show", targets=[str(n)])
+
+    tasks = [asyncio.create_task(appender(a, 1)), asyncio.create_task(appender(b, 2))]
+    try:
+        for _ in range(5):
+            result = await verify(a)
+            assert result.ok, result.message
+            assert (await verify_audit(b)).ok
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
+    assert (await verify(b)).ok
+
+
 async def test_missing_schema_without_create(pg_server: PgServer, tmp_path: Path) -> None:
     open_store, opened = opener(pg_server.new_database(), tmp_path)
     with pytest.raises(StoreError, match="no mailwarden schema .*schema_version"):
