@@ -294,10 +294,11 @@ async def _anchors(store: Store, page_size: int) -> _Anchors:
     names every chain's head (kind -> instance -> [position, hash])."""
     claims: dict[tuple[str, str, int], list[tuple[int, str]]] = {}
     problems: list[str] = []
-    prev = GENESIS
-    after = 0
+    start = await store.anchor_chain()
+    prev = start.anchor
+    after = start.anchor_seq or 0
     count = 0
-    expected = 1
+    expected = after + 1
     while rows := await store.anchor_page(after, page_size):
         for seq, _time, _instance, text, h in rows:
             count += 1
@@ -313,7 +314,9 @@ async def _anchors(store: Store, page_size: int) -> _Anchors:
                 heads = json.loads(text)["heads"]
                 for kind, chains in heads.items():
                     for instance, (pos, hh) in chains.items():
-                        claims.setdefault((kind, instance, int(pos)), []).append((seq, hh))
+                        seen = claims.setdefault((kind, instance, int(pos)), [])
+                        if not any(hh == h0 for _, h0 in seen):  # an idle head, named again
+                            seen.append((seq, hh))
             except (ValueError, KeyError, TypeError, AttributeError):
                 problems.append(f"anchor seq {seq}: unreadable content")
     return _Anchors(claims, problems, count)

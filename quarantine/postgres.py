@@ -1036,7 +1036,10 @@ class PostgresStore:
                 got = await cur.fetchone()
                 if not (got and got[0]):
                     return False
-            cur = await conn.execute("SELECT seq, hash FROM anchor ORDER BY seq DESC LIMIT 1")
+            cur = await conn.execute(
+                "SELECT seq, hash FROM anchor UNION ALL SELECT anchor_seq, anchor"
+                " FROM chain_head WHERE chain = 'anchor' ORDER BY 1 DESC LIMIT 1"
+            )
             last = await cur.fetchone()
             seq, prev = (int(last[0]), str(last[1])) if last else (0, GENESIS)
             cur = await conn.execute(
@@ -1170,6 +1173,14 @@ class PostgresStore:
         )
         return [tuple(r) for r in rows]
 
+    async def anchor_chain(self) -> Chain:
+        """Where the anchor chain starts: GENESIS, or the last anchor that
+        retention removed (its seq and hash)."""
+        row = await self._one(
+            "SELECT anchor, anchor_seq FROM chain_head WHERE chain = 'anchor' AND instance = ''"
+        )
+        return Chain("", str(row[0]), int(row[1])) if row else Chain("", GENESIS, 0)
+
     async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]:
         """Anchor rows (seq, time, instance, heads JSON, hash) after ``after``."""
         rows = await self._all(
@@ -1272,7 +1283,31 @@ class PostgresStore:
             )
 
     async def purge_log_through(self, end: int, batch: int = 5000) -> int:
-        return await self._purge_chain("log", end, batch)
+        """Purge each instance's log prefix up to global id ``end``, then the
+        anchors older than the oldest remaining record (never the newest
+        one); the anchor chain's start moves to the last anchor removed."""
+        total = await self._purge_chain("log", end, batch)
+        if total:
+            await self._purge_anchors()
+        return total
+
+    async def _purge_anchors(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ANCHOR_LOCK,))
+            cur = await conn.execute(
+                "SELECT seq, hash FROM anchor WHERE time < (SELECT min(time) FROM log)"
+                " AND seq < (SELECT max(seq) FROM anchor) ORDER BY seq DESC LIMIT 1"
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return
+            await conn.execute("DELETE FROM anchor WHERE seq <= %s", (row[0],))
+            await conn.execute(
+                "INSERT INTO chain_head (chain, instance, seq, hash, anchor_seq, anchor)"
+                " VALUES ('anchor', '', 0, %s, %s, %s) ON CONFLICT (chain, instance)"
+                " DO UPDATE SET anchor_seq = excluded.anchor_seq, anchor = excluded.anchor",
+                (GENESIS, row[0], row[1]),
+            )
 
     async def purge_audit_through(self, end: int, batch: int = 5000) -> int:
         return await self._purge_chain("audit", end, batch)

@@ -917,6 +917,10 @@ class SQLiteStore:
         """:meth:`audit_page` rows plus (chain seq, instance "", record hash "")."""
         return [(*r, r[0], "", "") for r in await self.audit_page(after, limit)]
 
+    async def anchor_chain(self) -> Chain:
+        """No anchor chain (see :meth:`anchor_page`): it starts at GENESIS."""
+        return Chain("", GENESIS, 0)
+
     async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]:
         """No anchor chain: one writer's chain needs none."""
         return []

@@ -424,6 +424,7 @@ async def test_retention_purge_across_instances(stores: tuple[Open, str], tmp_pa
     new = await hold(b, "new", clock.now)
     await a.write_log_batch([dict(rec(99), time=iso(clock.now))])
     await b.write_log_batch([dict(rec(98), time=iso(clock.now))])
+    await b.checkpoint()
     clock.now = T0 + timedelta(days=100)
     summary = await retention.purge(a, config(tmp_path, dsn), dry_run=False, command="purge")
     assert summary["quarantine_items"] == 1 and summary["files_removed"] == 1
@@ -436,6 +437,13 @@ async def test_retention_purge_across_instances(stores: tuple[Open, str], tmp_pa
     result = await verify(b)
     assert result.ok and "2 records" in result.message, result.message
     assert (await verify_audit(a)).ok
+    # the anchors of the purged period went too; the anchor chain's start moved
+    start = await a.anchor_chain()
+    assert start.anchor_seq == 1
+    assert [r[0] for r in await sql(dsn, "SELECT seq FROM anchor ORDER BY seq")] == [2, 3]
+    await sql(dsn, "UPDATE anchor SET heads = replace(heads, 'gw-b', 'gw-x') WHERE seq = 2")
+    result = await verify(b)
+    assert not result.ok and "anchor seq 2" in result.message, result.message
     with pytest.raises(FileNotFoundError):
         await b.read_body({"id": old, "path": f"pg:{old}"})
 

@@ -336,6 +336,6 @@ def test_backend_has_every_protocol_method(name: str) -> None:
 
     methods = [n for n, v in vars(StoreProtocol).items()
                if callable(v) and not n.startswith("_")]
-    assert len(methods) >= 44
+    assert len(methods) >= 45
     missing = [n for n in methods if not callable(getattr(cls, n, None))]
     assert not missing, missing
