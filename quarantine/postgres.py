@@ -438,7 +438,7 @@ class PostgresStore:
         kwargs: dict[str, Any] = {"autocommit": True}
         try:
             if "connect_timeout" not in conninfo_to_dict(settings.dsn):
-                kwargs["connect_timeout"] = max(1, int(pool_timeout))
+                kwargs["connect_timeout"] = max(5, int(pool_timeout))
         except psycopg.Error as exc:
             raise StoreError(f"store.dsn: {exc}") from None
         pool = AsyncConnectionPool(
@@ -455,7 +455,9 @@ class PostgresStore:
             name=f"mailwarden-{instance}",
         )
         try:
-            await pool.open(wait=True, timeout=pool_timeout)
+            # opening may wait a little longer than one request does (a busy
+            # host, a database just starting)
+            await pool.open(wait=True, timeout=max(pool_timeout, 10.0))
         except psycopg.Error as exc:
             await pool.close()
             raise StoreError(f"cannot open the store at postgresql {where}: {exc}") from None
