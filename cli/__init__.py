@@ -9,6 +9,7 @@ Where each command lives:
 * cli/log.py: ``log export|verify|stats``;
 * cli/audit.py: ``audit list``;
 * cli/data.py: ``purge``, ``subject-access``, ``erase``;
+* cli/store.py: ``store keygen``;
 * cli/common.py: what they share (``--config``, :func:`~cli.common.fail`,
   one-line usage errors, the store runner, logging).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import click
 
 from cli import audit, data, log, quarantine, serve
+from cli import store as store_cli
 from cli.common import Group, config_option
 
 __all__ = ["main"]
@@ -53,3 +55,4 @@ main.add_command(audit.audit)
 main.add_command(data.purge)
 main.add_command(data.subject_access)
 main.add_command(data.erase)
+main.add_command(store_cli.store)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -40,7 +41,11 @@ from quarantine.store import Store, os_user
 def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     """Apply retention now: log records, quarantine items and files older than
     store.retention_days (except items under legal hold), audit rows older than
-    store.audit_retention_days.  `serve` does this every store.purge_interval."""
+    store.audit_retention_days.  `serve` does this every store.purge_interval.
+
+    With store.key_file set, the data keys of the expired periods are destroyed
+    too, so that copies in backups cannot be read any more; the destruction
+    report lists them with their fingerprints (--json: one object)."""
     from quarantine.retention import purge as do_purge
 
     async def run(store: Store, config: Config) -> int:
@@ -50,7 +55,9 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             json_line(summary)
             return 0
         verb = "to remove (dry run)" if dry_run else "removed"
-        click.echo(f"retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
+        click.echo(f"destruction report {summary['now']}"
+                   + (" (dry run: nothing destroyed)" if dry_run else ""))
+        click.echo(f"  retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
         files = "" if dry_run else f" ({summary['files_removed']} files)"
         click.echo(f"  quarantine items {verb}: {summary['quarantine_items']}{files};"
                    f" kept under legal hold: {summary['kept_under_hold']}")
@@ -62,9 +69,31 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             if summary["orphan_files_removed"]:
                 click.echo(f"  orphan message files removed: {summary['orphan_files_removed']}")
             click.echo(f"  database checkpoint: {summary['checkpoint']}")
+        _print_keys(summary, dry_run)
         return 0
 
     run_with_store(ctx, run)
+
+
+def _print_keys(summary: dict[str, Any], dry_run: bool) -> None:
+    """The crypto-shredding part of the destruction report."""
+    if not summary.get("encryption"):
+        click.echo("  encryption: off (store.key_file is not set): no keys to destroy")
+        return
+    verb = "to destroy (dry run)" if dry_run else "destroyed"
+    periods = summary["periods_destroyed"]
+    click.echo(f"  bodies encrypted; key-encryption key fingerprint {summary['kek_fingerprint']}")
+    click.echo(f"  period keys {verb}: {len(periods)}")
+    for p in periods:
+        click.echo(f"    {p['key_id']}  fingerprint {p['fingerprint']}  created {p['created']}")
+    holds = summary["hold_keys_destroyed"]
+    click.echo(f"  hold keys {verb}: {len(holds)}")
+    for h in holds:
+        click.echo(f"    {h['key_id']}  fingerprint {h['fingerprint']}")
+    if not dry_run:
+        click.echo(f"  key store checkpoint: {summary.get('keys_checkpoint', 'n/a')}")
+        for qid in summary.get("held_items", []):
+            click.echo(f"  kept under legal hold (own key): {qid}")
 
 
 # ------------------------------------------------------ subject access, erase

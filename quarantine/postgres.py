@@ -75,6 +75,7 @@ from quarantine.store import (
 
 if TYPE_CHECKING:
     from gateway.config import StoreSettings
+    from quarantine.crypto import KeyRing
 
 log = logging.getLogger("mailwarden.store")
 
@@ -389,8 +390,11 @@ class PostgresStore:
         flush_interval: float = 0.5,
         anchor_interval: float = 60.0,
         retry_max: float = 30.0,
+        keyring: KeyRing | None = None,
     ) -> None:
         self.settings = settings
+        #: seals stored content; not yet used by this backend (see :meth:`open`)
+        self.keyring = keyring
         self.root = Path(settings.path)
         self.dsn = settings.dsn
         self.where = describe_dsn(settings.dsn)
@@ -428,12 +432,23 @@ class PostgresStore:
         pool_timeout: float = 10.0,
         pool_size: int = 4,
         retry_max: float = 30.0,
+        keyring: KeyRing | None = None,
     ) -> PostgresStore:
         """Connect (a pool of up to ``pool_size`` connections), migrate the
-        schema (``create``: also make it in an empty database)."""
+        schema (``create``: also make it in an empty database).
+
+        ``keyring`` (``[store] key_file``): bodies sealed with per-period keys
+        are not implemented for PostgreSQL yet, so a key file is refused
+        rather than bodies being stored in clear against the operator's wish
+        (the caller, :func:`quarantine.store.open_store`, closes the ring)."""
         where = describe_dsn(settings.dsn)
         if not settings.dsn:
             raise StoreError("store.dsn is empty: backend = \"postgresql\" needs a dsn")
+        if keyring is not None:
+            raise StoreError(
+                "store.key_file: body encryption is not implemented for the postgresql"
+                " backend yet; leave key_file empty"
+            )
         instance = settings.instance or socket.gethostname()
         kwargs: dict[str, Any] = {"autocommit": True}
         try:

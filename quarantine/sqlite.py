@@ -32,11 +32,11 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from quarantine import files
+from quarantine import crypto, files
 from quarantine.store import (
     COLUMNS,
     DB_NAME,
@@ -56,6 +56,9 @@ from quarantine.store import (
     os_user,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from quarantine.crypto import KeyRing
 
 log = logging.getLogger("mailwarden.store")
 
@@ -258,10 +261,13 @@ class SQLiteStore:
         clock: Callable[[], datetime] = utcnow,
         batch_size: int = 200,
         flush_interval: float = 0.5,
+        keyring: KeyRing | None = None,
     ) -> None:
         self.root = root
         self.db = db
         self.clock = clock
+        #: seals message files when ``[store] key_file`` is set (None: plaintext)
+        self.keyring = keyring
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._log_queue: asyncio.Queue[dict[str, Any] | None] | None = None
@@ -280,7 +286,11 @@ class SQLiteStore:
         batch_size: int = 200,
         flush_interval: float = 0.5,
         create: bool = True,
+        keyring: KeyRing | None = None,
     ) -> SQLiteStore:
+        """Open (``create``: make) the store at ``path``.  ``keyring``
+        (:func:`quarantine.crypto.open_keyring`) seals new message files and
+        opens sealed ones; the store closes it."""
         root = Path(path)
         try:
             if create:
@@ -305,7 +315,8 @@ class SQLiteStore:
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=10000")
-            store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval)
+            store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval,
+                        keyring=keyring)
             await store._migrate()
         except (OSError, aiosqlite.Error) as exc:
             await db.close()
@@ -332,8 +343,12 @@ class SQLiteStore:
                 raise
 
     async def close(self) -> None:
-        await self.stop_log_writer()
-        await self.db.close()
+        try:
+            await self.stop_log_writer()
+            await self.db.close()
+        finally:
+            if self.keyring is not None:
+                await self.keyring.close()
 
     async def check(self) -> tuple[bool, str]:
         """For ``mailwarden check`` and /healthz: a write test in the store."""
@@ -344,7 +359,16 @@ class SQLiteStore:
             await asyncio.to_thread(probe.unlink)
         except (OSError, aiosqlite.Error) as exc:
             return False, f"store {self.root}: {exc}"
-        return True, f"store {self.root} writable (schema v{len(MIGRATIONS)})"
+        text = f"store {self.root} writable (schema v{len(MIGRATIONS)})"
+        if self.keyring is not None:
+            try:
+                records = await self.keyring.records()
+            except StoreError as exc:
+                return False, str(exc)
+            live = sum(1 for r in records if r.wrapped is not None)
+            text += (f"; bodies encrypted, key store {self.keyring.where}: {live} live data keys,"
+                     f" {len(records) - live} destroyed")
+        return True, text
 
     # ------------------------------------------------------------ quarantine
 
@@ -376,8 +400,18 @@ class SQLiteStore:
         relative = f"{MESSAGES_DIR}/{now:%Y/%m/%d}/{qid}.eml"
         sha = hashlib.sha256(raw).hexdigest()
         loop = asyncio.get_running_loop()
+        data = raw
+        if self.keyring is not None:
+            # sealed under the key of the day it was received (its period),
+            # bound to its quarantine id; the sha256 column stays the plaintext's
+            try:
+                data = await self.keyring.seal(crypto.period_of(received), qid.encode(), raw)
+            except StoreError as exc:
+                raise StoreError(f"cannot seal quarantine file: {exc}") from None
+            except (OSError, aiosqlite.Error) as exc:
+                raise StoreError(f"cannot seal quarantine file: {exc}") from None
         try:
-            await loop.run_in_executor(None, files.write_durable, self.root, relative, raw)
+            await loop.run_in_executor(None, files.write_durable, self.root, relative, data)
         except OSError as exc:
             raise StoreError(f"cannot write quarantine file: {exc}") from None
         addrs = addresses_of(
@@ -717,8 +751,70 @@ class SQLiteStore:
         return out
 
     async def read_body(self, item: Mapping[str, Any]) -> bytes:
-        """The stored message bytes of ``item`` (FileNotFoundError, StorePathError)."""
-        return await asyncio.to_thread(files.read_message, self.root, item["path"])
+        """The stored message bytes of ``item`` (FileNotFoundError, StorePathError).
+
+        A sealed file is opened with the key ring (:class:`~quarantine.crypto.KeyDestroyed`
+        once its period's key is gone); a plaintext file (kept before
+        ``key_file`` was set) is returned as it is."""
+        data = await asyncio.to_thread(files.read_message, self.root, item["path"])
+        if not crypto.is_sealed(data):
+            return data
+        if self.keyring is not None:
+            try:
+                return await self.keyring.open(data, str(item["id"]).encode())
+            except (crypto.CryptoError, crypto.KekError):
+                if not await self._is_plaintext(data, item):
+                    raise
+                return data
+        if await self._is_plaintext(data, item):
+            return data
+        raise StoreError(f"the message file of {item['id']} is encrypted and store.key_file"
+                         " is not set")
+
+    @staticmethod
+    async def _is_plaintext(data: bytes, item: Mapping[str, Any]) -> bool:
+        """Whether ``data`` is the plaintext message itself (one that happens to
+        start like a sealed blob), by its recorded SHA-256."""
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == item["sha256"])
+
+    async def _reseal_for_hold(self, item: Mapping[str, Any]) -> bool:
+        """Re-encrypt a held item's file under its own key ``hold:<id>``, so it
+        outlives its period's key; whether the file was rewritten."""
+        if self.keyring is None or item["state"] == "deleted":
+            return False
+        qid = str(item["id"])
+        try:
+            head = await asyncio.to_thread(files.read_head, self.root, item["path"])
+        except FileNotFoundError:
+            return False
+        if not crypto.is_sealed(head):
+            return False  # kept before encryption was switched on: stays as it is
+        try:
+            if crypto.parse_blob(head).key_id == crypto.hold_key_id(qid):
+                return False  # done already
+        except crypto.BlobError:
+            pass  # read_body tells a plaintext that starts like a blob apart
+        plain = await self.read_body(item)
+        blob = await self.keyring.seal(crypto.hold_key_id(qid), qid.encode(), plain)
+        await asyncio.to_thread(files.write_durable, self.root, item["path"], blob)
+        return True
+
+    async def _destroy_hold_keys(self, ids: Sequence[str]) -> None:
+        if self.keyring is not None and ids:
+            await self.keyring.destroy([crypto.hold_key_id(i) for i in ids])
+
+    async def reseal_held_before(self, cutoff: str) -> list[str]:
+        """Ids of the items under hold received before ``cutoff``, each made
+        sure to be sealed under its own hold key (retention calls this before
+        destroying the period keys; normally ``set_hold`` did it already)."""
+        async with self.db.execute(
+            _SELECT + " WHERE received < ? AND hold = 1 AND state != 'deleted' ORDER BY received",
+            (cutoff,),
+        ) as cur:
+            items = [item_row(r) for r in await cur.fetchall()]
+        for item in items:
+            await self._reseal_for_hold(item)
+        return [i["id"] for i in items]
 
     async def item_is_live(self, qid: str, path: str) -> bool:
         """Whether a live (not deleted) row owns the message file ``path``."""
@@ -748,6 +844,13 @@ class SQLiteStore:
             )
 
     async def set_hold(self, qid: str, hold: bool) -> None:
+        """Set or lift the legal hold.  Setting it first re-encrypts a sealed
+        file under the item's own key (``hold:<id>``), which stays until the
+        item is deleted, erased or purged (an unheld item keeps it)."""
+        if hold:
+            item = await self.get_item(qid)
+            if item is not None:
+                await self._reseal_for_hold(item)
         now = iso(self.clock())
         async with self.transaction() as db:
             await db.execute(
@@ -776,7 +879,9 @@ class SQLiteStore:
                 (now, qid),
             )
             await db.execute("DELETE FROM quarantine_address WHERE id = ?", (qid,))
-        return await asyncio.to_thread(files.secure_delete, self.root, path)
+        removed = await asyncio.to_thread(files.secure_delete, self.root, path)
+        await self._destroy_hold_keys([qid])
+        return removed
 
     async def _remove_items(self, rows: Sequence[Sequence[Any]], db: aiosqlite.Connection) -> None:
         ids = [r[0] for r in rows]
@@ -804,6 +909,7 @@ class SQLiteStore:
         for p in paths:
             if await asyncio.to_thread(files.secure_delete, self.root, p):
                 files_removed += 1
+        await self._destroy_hold_keys(removed)
         return removed, files_removed
 
     # ----------------------------------------------------- subject access

@@ -198,6 +198,8 @@ class StoreProtocol(Protocol):
     root: Path
     clock: Callable[[], datetime]
     log_failures: int
+    #: seals stored content (``[store] key_file``); None = no encryption
+    keyring: KeyRing | None
 
     async def close(self) -> None: ...
     async def check(self) -> tuple[bool, str]: ...
@@ -289,14 +291,29 @@ async def open_store(
     ``create`` (``serve``): make the store (directory, database, schema) when it
     is missing; every other command refuses a missing store.  ``tuning`` is the
     log writer's batching (``batch_size``, ``flush_interval``).
+
+    ``[store] key_file`` set: the key ring (:mod:`quarantine.crypto`: the KEK
+    from that file, the data keys in their own key store) goes to the backend,
+    which seals what it stores with it and closes it; "" = no encryption.
     """
-    if settings.backend == "postgresql":
-        from quarantine.postgres import PostgresStore
+    from quarantine.crypto import open_keyring
 
-        return await PostgresStore.open(settings, create=create, clock=clock, **tuning)
-    from quarantine.sqlite import SQLiteStore
+    ring = await open_keyring(settings.key_file, Path(settings.path), create=create, clock=clock)
+    extra: dict[str, Any] = {"keyring": ring} if ring is not None else {}
+    try:
+        if settings.backend == "postgresql":
+            from quarantine.postgres import PostgresStore
 
-    return await SQLiteStore.open(settings.path, create=create, clock=clock, **tuning)
+            return await PostgresStore.open(settings, create=create, clock=clock, **extra,
+                                            **tuning)
+        from quarantine.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(settings.path, create=create, clock=clock, **extra,
+                                      **tuning)
+    except BaseException:
+        if ring is not None:
+            await ring.close()
+        raise
 
 
 # The first backend, and the name callers open a store with (``Store.open``).
@@ -315,6 +332,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from gateway.config import StoreSettings
+    from quarantine.crypto import KeyRing
     from quarantine.sqlite import MIGRATIONS, SQLiteStore
 
     Store = SQLiteStore

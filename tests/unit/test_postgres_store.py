@@ -242,6 +242,21 @@ async def test_missing_schema_without_create(pg_server: PgServer, tmp_path: Path
     assert opened == []
 
 
+async def test_a_key_file_is_refused_until_bodies_are_encrypted(
+        pg_server: PgServer, tmp_path: Path) -> None:
+    """Fail closed: with store.key_file set the operator expects sealed
+    bodies; this backend does not seal them yet, so it does not open."""
+    from quarantine.crypto import write_kek
+    from quarantine.store import open_store
+
+    write_kek(tmp_path / "kek")
+    settings = StoreSettings(backend="postgresql", dsn=pg_server.new_database(),
+                             instance="gw-a", path=str(tmp_path / "gw-a"),
+                             key_file=str(tmp_path / "kek"))
+    with pytest.raises(StoreError, match="store.key_file"):
+        await open_store(settings, create=True)
+
+
 async def test_concurrent_first_opens_migrate_once(stores: tuple[Open, str]) -> None:
     open_store, dsn = stores
     await asyncio.gather(*(open_store(f"gw{n}") for n in range(4)))
