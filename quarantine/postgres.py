@@ -303,6 +303,17 @@ def _driver_errors(cls: type[PostgresStore]) -> type[PostgresStore]:
     return cls
 
 
+async def _connect_error(dsn: str, kwargs: Mapping[str, Any]) -> str | None:
+    """What libpq says when connecting to ``dsn`` fails (the pool only says
+    it timed out), or None if it connects now."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())
+    await conn.close()
+    return None
+
+
 # ------------------------------------------------------------------ outbox
 
 
@@ -475,7 +486,8 @@ class PostgresStore:
             await pool.open(wait=True, timeout=max(pool_timeout, 10.0))
         except psycopg.Error as exc:
             await pool.close()
-            raise StoreError(f"cannot open the store at postgresql {where}: {exc}") from None
+            why = await _connect_error(settings.dsn, kwargs) or str(exc)
+            raise StoreError(f"cannot open the store at postgresql {where}: {why}") from None
         store = cls(settings, pool, instance=instance, clock=clock, batch_size=batch_size,
                     flush_interval=flush_interval, anchor_interval=anchor_interval,
                     retry_max=retry_max)

@@ -257,6 +257,13 @@ async def test_a_key_file_is_refused_until_bodies_are_encrypted(
         await open_store(settings, create=True)
 
 
+async def test_an_unreachable_database_is_one_store_error(tmp_path: Path) -> None:
+    settings = StoreSettings(backend="postgresql", dsn=f"host={tmp_path} dbname=x user=postgres",
+                             instance="gw-a", path=str(tmp_path / "gw-a"))
+    with pytest.raises(StoreError, match="cannot open the store at postgresql .*x.*socket"):
+        await PostgresStore.open(settings, pool_timeout=1.0)
+
+
 async def test_concurrent_first_opens_migrate_once(stores: tuple[Open, str]) -> None:
     open_store, dsn = stores
     await asyncio.gather(*(open_store(f"gw{n}") for n in range(4)))
