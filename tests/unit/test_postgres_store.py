@@ -10,6 +10,13 @@ it; every public coroutine maps psycopg errors to StoreError; with PostgreSQL
 stopped, ``quarantine()`` raises StoreError (the gateway's 451) while log
 records go to the outbox, which ships exactly once when PostgreSQL is back,
 also from a reopened store and after a crash between commit and outbox rewrite.
+Also: verify while both instances keep appending (no false breaks); check()
+fails on a read-only database; the instance defaults to the host name; an
+unreachable database at open is one StoreError with libpq's reason; a key
+file is refused (bodies are not sealed here yet); retention through
+quarantine/retention.py purges both chains' prefixes and old anchors and
+everything still verifies; review's integrity check and erasure work across
+instances.
 """
 
 from __future__ import annotations
@@ -233,6 +240,16 @@ async def test_verify_while_instances_keep_appending(stores: tuple[Open, str]) -
         done.set()
         await asyncio.gather(*tasks)
     assert (await verify(b)).ok
+
+
+async def test_the_instance_defaults_to_the_host_name(stores: tuple[Open, str]) -> None:
+    import socket
+
+    open_store, dsn = stores
+    store = await open_store("")
+    assert store.instance == socket.gethostname()
+    await store.write_log_batch([rec(1)])
+    assert await sql(dsn, "SELECT instance, seq FROM log") == [(socket.gethostname(), 1)]
 
 
 async def test_missing_schema_without_create(pg_server: PgServer, tmp_path: Path) -> None:
