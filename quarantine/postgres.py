@@ -9,8 +9,14 @@ name) share one database: one quarantine, one log, one audit trail.
 * **Quarantine**: rows as in SQLite plus the ``instance`` that held the item;
   the message bytes in ``body`` (bytea), so any instance shows and releases
   any item.  Every body write and read goes through :meth:`_put_body` and
-  :meth:`_get_body`.  The row, its address index and its body commit in one
-  transaction (``synchronous_commit = on``) before :meth:`quarantine` returns.
+  :meth:`_get_body`: with ``[store] key_file`` they seal and open the body
+  with the key ring (per-period data keys, ``hold:<id>`` for held items, as
+  in the SQLite backend), whose keys live in the key database
+  (:mod:`quarantine.postgres_keys`), never in this one.  The row, its
+  address index and its body commit in one transaction
+  (``synchronous_commit = on``) before :meth:`quarantine` returns.
+* **Access control** (schema v2): ``access_request``, ``export`` and the
+  hold's ``hold_case`` / ``hold_until``, as in the SQLite backend.
 * **Chains**: the log and the audit trail have one chain per instance, keyed
   by ``(instance, seq)``; every row stores ``record_hash = sha256(record)``
   and ``hash = chain_hash(prev_hash, record_hash)``, so an erased record's
