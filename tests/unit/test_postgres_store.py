@@ -401,6 +401,32 @@ async def test_concurrent_first_opens_migrate_once(stores: tuple[Open, str]) -> 
         (n,) for n in range(1, len(backend.MIGRATIONS) + 1)]
 
 
+async def test_a_v1_database_migrates_to_access_control(
+        stores: tuple[Open, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made by the first release (schema v1, with an item in it)
+    gets migration 2 at the next open; the item keeps its data and has no
+    hold case; the row keys are the access-control module's."""
+    from quarantine import grants, sqlite
+
+    open_store, dsn = stores
+    full = list(backend.MIGRATIONS)
+    monkeypatch.setattr(backend, "MIGRATIONS", full[:1])
+    old = await open_store("gw-old")
+    qid = await hold(old, "from v1")
+    await old.close()
+    monkeypatch.setattr(backend, "MIGRATIONS", full)
+    new = await open_store("gw-new")
+    assert await sql(dsn, "SELECT max(version) FROM schema_version") == [(len(full),)]
+    item = await new.get_item(qid)
+    assert item is not None and item["subject"] == "from v1"
+    assert (item["hold_case"], item["hold_until"]) == (None, None)
+    await new.set_hold(qid, True, case="C-1", until="2026-02-01T00:00:00.000000Z")
+    assert await new.release_expired_holds("2026-02-01T00:00:00.000000Z") == [
+        (qid, "C-1", "2026-02-01T00:00:00.000000Z")]
+    assert backend.REQUEST_COLUMNS == sqlite.REQUEST_COLUMNS == tuple(grants.REQUEST_KEYS)
+    assert backend.EXPORT_COLUMNS == sqlite.EXPORT_COLUMNS == tuple(grants.EXPORT_KEYS)
+
+
 # ----------------------------------------------------------- driver errors
 
 
