@@ -231,9 +231,6 @@ REQUEST_COLUMNS = (
 )
 EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
                   "hmac_key")
-_REQUEST_SELECT = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
-                   " case_ref, reason, state, decided, decided_by, decided_uid, expires"
-                   " FROM access_request")
 
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM quarantine"
 _AUDIT_COLUMNS = ('id, time, "user", uid, command, targets, filters, reason, exceptional,'
@@ -906,7 +903,7 @@ class PostgresStore:
             cur = await conn.execute(
                 "SELECT id, hold_case, hold_until FROM quarantine WHERE hold"
                 " AND hold_until IS NOT NULL AND hold_until <= %s ORDER BY hold_until, id"
-                + ("" if dry_run else " FOR UPDATE"),
+                " FOR UPDATE",
                 (now,),
             )
             rows = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
@@ -931,7 +928,12 @@ class PostgresStore:
             )
 
     async def get_access_request(self, rid: str) -> dict[str, Any] | None:
-        row = await self._one(_REQUEST_SELECT + " WHERE id = %s", (rid,))
+        row = await self._one(
+            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
+            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
+            " WHERE id = %s",
+            (rid,),
+        )
         return None if row is None else dict(zip(REQUEST_COLUMNS, row, strict=True))
 
     async def access_requests(
@@ -954,7 +956,11 @@ class PostgresStore:
         if state is not None:
             where.append("state = %s")
             args.append(state)
-        sql = _REQUEST_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
+               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
+               " FROM access_request")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         rows = await self._all(sql + " ORDER BY created, id", args)
         return [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows]
 
