@@ -232,7 +232,8 @@ REQUEST_COLUMNS = (
 EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
                   "hmac_key")
 
-_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM quarantine"
+#: the item columns, then the instance that held it (a PostgreSQL-only key)
+_SELECT = "SELECT " + ", ".join(COLUMNS) + ", instance FROM quarantine"
 _AUDIT_COLUMNS = ('id, time, "user", uid, command, targets, filters, reason, exceptional,'
                   " detail, hash")
 _LOG_COLUMNS = ("l.id, l.time, l.queue_id, l.direction, l.record, l.hash, l.instance, l.seq,"
@@ -267,7 +268,7 @@ def _json_list(text: str | None) -> list[Any]:
 
 
 def _item(values: Sequence[Any]) -> dict[str, Any]:
-    item = dict(zip(COLUMNS, values, strict=True))
+    item = dict(zip((*COLUMNS, "instance"), values, strict=True))
     item["rcpt_tos"] = _json_list(item["rcpt_tos"])
     item["verdicts"] = _json_list(item["verdicts"])
     item["personal"] = bool(item["personal"])
