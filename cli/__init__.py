@@ -9,6 +9,9 @@ Where each command lives:
 * cli/log.py: ``log export|verify|stats``;
 * cli/audit.py: ``audit list``;
 * cli/data.py: ``purge``, ``subject-access``, ``erase``;
+* cli/client.py and cli/control.py: the control socket (``[access]``): the
+  client that forwards a command to ``serve``, and the server ``serve``
+  runs, which checks the caller's role and runs the command in-process;
 * cli/common.py: what they share (``--config``, :func:`~cli.common.fail`,
   one-line usage errors, the store runner, logging).
 
@@ -27,7 +30,21 @@ from cli.common import Group, config_option
 __all__ = ["main"]
 
 
-@click.group(cls=Group,
+class RootGroup(Group):
+    """The ``mailwarden`` group: with ``[access]`` in the config, a command on
+    kept data is sent to the running daemon's control socket instead of
+    being run here (cli/client.py); in the daemon (a control request) and
+    without ``[access]`` it runs in this process."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        if not ctx.ensure_object(dict).get("control_request"):
+            from cli.client import maybe_forward
+
+            maybe_forward(self, ctx)
+        return super().invoke(ctx)
+
+
+@click.group(cls=RootGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @config_option
 @click.version_option(package_name="mailwarden")

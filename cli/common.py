@@ -283,8 +283,15 @@ def console() -> Any:
     """A rich console for tables: no markup, so message text cannot style itself."""
     from rich.console import Console
 
+    from quarantine.access import current
+
     tty = sys.stdout.isatty()
-    return Console(markup=False, highlight=False, emoji=False, width=None if tty else 250)
+    width = None if tty else 250
+    caller = current()
+    if caller.enforced and tty:
+        # Through the control socket: the client's terminal, not the daemon's.
+        width = caller.width or 80
+    return Console(markup=False, highlight=False, emoji=False, width=width)
 
 
 def short(text: str | None, width: int) -> str:

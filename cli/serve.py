@@ -64,6 +64,21 @@ async def _serve(store: Store, config: Config) -> int:
         # The message names the key (gateway.listen or milter.listen).
         log.error("cannot listen on %s", exc.strerror or exc)
         return 1
+    control = None
+    if config.access.enabled:
+        from cli import main as root
+        from cli.control import ControlServer
+
+        control = ControlServer(root=root, config=lambda: gateway.config, store=store)
+        try:
+            await control.start()
+        except OSError as exc:
+            log.error("cannot listen on the control socket %s: %s", config.access.control_socket,
+                      exc.strerror or exc)
+            await gateway.stop()
+            if metrics_server is not None:
+                metrics_server.close()
+            return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
@@ -91,6 +106,8 @@ async def _serve(store: Store, config: Config) -> int:
     _sd_notify("STOPPING=1")
     log.info("stopping: draining sessions in flight")
     purge_task.cancel()
+    if control is not None:
+        await control.stop()
     await gateway.stop()
     if metrics_server is not None:
         metrics_server.close()
