@@ -596,19 +596,20 @@ class ControlServer:
         def say(line: str) -> None:
             sys.stderr.write(f"mailwarden: {line}\n")
 
+        obj = {"control_request": True, "config": config}
+        # The command's name first (group options only: a refusal never
+        # depends on how well the rest of the line parses), then the role.
         try:
-            name, ctx = resolve(self.root, argv, resilient=False,
-                                obj={"control_request": True, "config": config})
-        except click.exceptions.Exit as exc:  # --help, --version
-            return exc.exit_code
-        except click.ClickException as exc:
-            exc.show()
-            return exc.exit_code
-        except SystemExit as exc:  # a callback's fail()
-            return exc.code if isinstance(exc.code, int) else 1
+            name, _ = resolve(self.root, argv, resilient=True, obj=dict(obj))
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
+            name = None
         if name is None:
-            say("no command given (see --help)")
-            return 2
+            # No command: click's own answer (usage, help, version); nothing runs.
+            code, _ = self._parse_only(argv, obj)
+            if code is None:
+                say("no command given (see --help)")
+                return 2
+            return code
         if name in LOCAL_COMMANDS or name not in COMMAND_ROLES:
             say(f"{name}: runs on its own, not through the control socket")
             return 2
@@ -623,12 +624,15 @@ class ControlServer:
             log.info("refused %s to %s", name, caller.describe())
             say(refusal)
             return 1
+        code, ctx = self._parse_only(argv, obj)
+        if code is not None or ctx is None:
+            return 2 if code is None else code
         param = file_option(ctx)
         if param is not None and ctx.params.get(param.name or "") not in (None, ""):
             say(f"{name}: {param.opts[-1]} names a file of the caller: the mailwarden"
                 " client writes it, the daemon sends the data")
             return 2
-        log.info("%s by %s", name, caller.describe())
+        log.info("granted %s to %s", name, caller.describe())
         try:
             self.root.main(args=argv, prog_name="mailwarden", standalone_mode=True,
                            obj={"control_request": True, "config": config})
@@ -640,6 +644,23 @@ class ControlServer:
             sys.stderr.write(f"{exc.code}\n")
             return 1
         return 0
+
+    def _parse_only(self, argv: Sequence[str],
+                    obj: dict[str, Any]) -> tuple[int | None, click.Context | None]:
+        """Parse ``argv`` strictly without running anything: (click's answer's
+        status, None) when it has one (a usage error: the one line, exit 2;
+        --help: the help, exit 0), (None, the command's context) when the
+        line names a command and parses."""
+        try:
+            name, ctx = resolve(self.root, argv, resilient=False, obj=dict(obj))
+        except click.exceptions.Exit as exc:  # --help, --version
+            return exc.exit_code, None
+        except click.ClickException as exc:
+            exc.show()
+            return exc.exit_code, None
+        except SystemExit as exc:  # a callback's fail()
+            return (exc.code if isinstance(exc.code, int) else 1), None
+        return (None, ctx) if name is not None else (2, None)
 
     async def _audit_refusal(self, caller: Caller, name: str, refusal: str,
                              argv: Sequence[str]) -> None:
