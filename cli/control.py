@@ -440,6 +440,7 @@ class ControlServer:
     _server: asyncio.AbstractServer | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False)
+    _conns: set[_Connection] = field(default_factory=set, init=False)
     _undo: Callable[[], None] | None = field(default=None, init=False)
     _path: str = field(default="", init=False)
     _inode: tuple[int, int] | None = field(default=None, init=False)
@@ -496,6 +497,8 @@ class ControlServer:
         """Stop listening, cut the connections in flight, remove the socket."""
         if self._server is not None:
             self._server.close()
+        for c in list(self._conns):
+            c.gone = True  # the command stops at its next write
         for w in list(self._writers):
             w.transport.abort()
         if self._server is not None:
@@ -537,14 +540,15 @@ class ControlServer:
                 log.warning("bad request from %s: %s", who, why)
                 await self._answer(writer, 2, f"mailwarden: bad request: {why}\n")
                 return
-            roles = self.config().access.roles
-            caller = await loop.run_in_executor(
-                None, lambda: caller_from_peer(uid, gid, pid, roles, tty=request.tty,
-                                               width=request.width))
             conn = _Connection(loop, writer)
             assert self._pool is not None
-            code = await loop.run_in_executor(
-                self._pool, contextvars.Context().run, self._run, caller, request, conn, loop)
+            self._conns.add(conn)
+            try:
+                code = await loop.run_in_executor(
+                    self._pool, contextvars.Context().run, self._run, (pid, uid, gid),
+                    request, conn, loop)
+            finally:
+                self._conns.discard(conn)
             if not conn.gone:
                 await conn.send_async(EXIT, str(code).encode())
         except asyncio.CancelledError:
@@ -564,9 +568,13 @@ class ControlServer:
             writer.write(_HEADER.pack(EXIT, len(str(code))) + str(code).encode())
             await asyncio.wait_for(writer.drain(), 10)
 
-    def _run(self, caller: Caller, request: Request, conn: _Connection,
+    def _run(self, peer: tuple[int, int, int], request: Request, conn: _Connection,
              loop: asyncio.AbstractEventLoop) -> int:
-        """In a worker thread, in a fresh context: one request, start to end."""
+        """In a worker thread, in a fresh context: one request, start to end
+        (the user and group lookups too: they may block on NSS)."""
+        pid, uid, gid = peer
+        caller = caller_from_peer(uid, gid, pid, self.config().access.roles,
+                                  tty=request.tty, width=request.width)
         output = _Output(conn.send, tty=request.tty)
         _output.set(output)
         token = set_current(caller)
@@ -688,7 +696,7 @@ class _Connection:
             raise ClientGone
         fut = asyncio.run_coroutine_threadsafe(self.send_async(kind, data), self.loop)
         try:
-            fut.result()
+            fut.result(SEND_TIMEOUT + 60)
         except Exception:
             self.gone = True
             raise ClientGone from None

@@ -511,3 +511,7 @@ def test_serve_removes_its_socket_on_stop(env: Env) -> None:
     assert stat.S_IMODE(env.socket.stat().st_mode) == 0o666
     out = env.run("reviewer", "quarantine", "list")
     assert out.returncode == 0, out.stderr
+
+
+def test_zz_print_log(env: Env) -> None:
+    print(env.log())
