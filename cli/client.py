@@ -16,6 +16,10 @@ Runs locally, as before:
 * every command when the config has no ``[access]`` section (the caller then
   opens the store directly and holds every role).
 
+A caller who may not read the config at all (the shipped
+``/etc/mailwarden`` is 0750 root:mailwarden) talks to the daemon at the
+default control socket, ``/run/mailwarden/control.sock``, when one is there.
+
 ``--output FILE`` (``log export``, ``subject-access``) is the client's: the
 option is removed from what is sent, and the command's stdout is written to a
 0600 temp file beside FILE (as the calling user), fsynced and renamed into
@@ -47,6 +51,7 @@ from cli.control import (
     read_frame,
     walk,
 )
+from gateway.config import AccessSettings, resolve_path
 from quarantine.access import COMMAND_ROLES, LOCAL_COMMANDS
 
 #: Words that make click answer by itself (help, version): always local.
@@ -67,9 +72,12 @@ def maybe_forward(root: click.Group, ctx: click.Context) -> None:
         return  # click will say it, locally
     if name is None or name in LOCAL_COMMANDS or name not in COMMAND_ROLES:
         return
-    config = get_config(ctx)
-    if not config.access.enabled:
-        return
+    socket_path = unreadable_config_socket(ctx)
+    if socket_path is None:
+        config = get_config(ctx)
+        if not config.access.enabled:
+            return
+        socket_path = config.access.control_socket
     output: str | None = None
     param = file_option(leaf)
     if param is not None:
@@ -77,7 +85,27 @@ def maybe_forward(root: click.Group, ctx: click.Context) -> None:
         if value not in (None, ""):
             output = str(value)
             args = without_option(args, [*param.opts, *param.secondary_opts], output)
-    sys.exit(forward(config.access.control_socket, args, output=output))
+    sys.exit(forward(socket_path, args, output=output))
+
+
+def unreadable_config_socket(ctx: click.Context) -> str | None:
+    """The default control socket, when the config is the daemon's and the
+    caller may not read it (``/etc/mailwarden`` is 0750 root:mailwarden) but
+    a daemon listens there; else None (the config decides)."""
+    path = resolve_path(ctx.ensure_object(dict).get("config_path"))
+    try:
+        with open(path, "rb"):
+            return None
+    except PermissionError:
+        pass
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or os.access(parent, os.X_OK):
+            return None
+    except OSError:
+        return None
+    default = AccessSettings().control_socket
+    return default if os.path.exists(default) else None
 
 
 def without_option(args: Sequence[str], opts: Sequence[str], value: str) -> list[str]:

@@ -441,6 +441,7 @@ class ControlServer:
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False)
     _conns: set[_Connection] = field(default_factory=set, init=False)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     _undo: Callable[[], None] | None = field(default=None, init=False)
     _path: str = field(default="", init=False)
     _inode: tuple[int, int] | None = field(default=None, init=False)
@@ -497,10 +498,16 @@ class ControlServer:
         """Stop listening, cut the connections in flight, remove the socket."""
         if self._server is not None:
             self._server.close()
+        for _ in range(5):  # connections just accepted: let their handlers start
+            await asyncio.sleep(0)
         for c in list(self._conns):
             c.gone = True  # the command stops at its next write
         for w in list(self._writers):
             w.transport.abort()
+        if self._tasks:
+            # Handlers end once their command notices (its next write); a
+            # command that does not write is not waited for longer than this.
+            await asyncio.wait(list(self._tasks), timeout=10)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
@@ -522,6 +529,9 @@ class ControlServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._writers.add(writer)
         who = "unknown peer"
         try:
@@ -556,6 +566,8 @@ class ControlServer:
         except Exception:
             log.exception("request from %s failed", who)
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):

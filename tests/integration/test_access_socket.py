@@ -512,6 +512,3 @@ def test_serve_removes_its_socket_on_stop(env: Env) -> None:
     out = env.run("reviewer", "quarantine", "list")
     assert out.returncode == 0, out.stderr
 
-
-def test_zz_print_log(env: Env) -> None:
-    print(env.log())

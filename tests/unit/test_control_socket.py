@@ -151,6 +151,9 @@ async def test_socket_mode_and_in_use() -> None:
         with pytest.raises(ControlSocketInUse):
             await other.start()
         assert os.path.exists(path)
+        # (the probe's connection is served before this one: first in, first accepted)
+        code, _, _ = await asyncio.to_thread(ask, path, ["log", "export", "--tag", "Q"])
+        assert code == 0
 
 
 async def test_concurrent_outputs_do_not_mix() -> None:
