@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -32,7 +34,7 @@ from typing import Any
 import click
 import pytest
 
-from cli.common import Command, Group
+from cli.common import Command, Group, run_with_store
 from cli.control import (
     EXIT,
     STDERR,
@@ -42,8 +44,9 @@ from cli.control import (
     encode_request,
     read_frame,
 )
-from gateway.config import ROLES, parse_access
-from quarantine.access import COMMAND_ROLES, current
+from gateway.config import ROLES, Config, parse_config
+from quarantine.access import COMMAND_ROLES, Denied, current
+from quarantine.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,6 +79,19 @@ def toy_root() -> click.Group:
         finally:
             SEEN.append(("log export", caller.user, caller.uid, interrupted))
 
+    @root.group("quarantine", cls=Group)
+    def quarantine_group() -> None:
+        pass
+
+    @quarantine_group.command("show", cls=Command)
+    @click.argument("qid")
+    @click.pass_context
+    def show(ctx: click.Context, qid: str) -> None:
+        async def body(store: Any, config: Any) -> int:
+            raise Denied(f"quarantine show: refused: {qid} is personal; needs an approved grant")
+
+        run_with_store(ctx, body)
+
     @root.command("erase", cls=Command)
     @click.argument("address")
     def erase(address: str) -> None:
@@ -94,12 +110,15 @@ class FakeStore:
         return len(self.rows)
 
 
-class FakeConfig:
-    def __init__(self, path: str) -> None:
-        group = grp.getgrgid(os.getgid()).gr_name
-        # Our own primary group holds "auditor": log export yes, erase no.
-        self.access = parse_access({"control_socket": path, "socket_mode": "0600",
-                                    "roles": {"auditor": [group]}})
+def make_config(tmp: str, path: str) -> Config:
+    group = grp.getgrgid(os.getgid()).gr_name
+    # Our own primary group holds "auditor" and "investigator": log export and
+    # quarantine show yes, erase no.
+    return parse_config({
+        "gateway": {"internal_domains": ["example.com"]},
+        "store": {"path": os.path.join(tmp, "store")}, "filters": {"chain": []},
+        "access": {"control_socket": path, "socket_mode": "0600",
+                   "roles": {"auditor": [group], "investigator": [group]}}})
 
 
 def ask(path: str, argv: list[str], *, stop_after: int | None = None
@@ -131,8 +150,11 @@ async def running() -> AsyncIterator[tuple[ControlServer, FakeStore, str]]:
     tmp = tempfile.mkdtemp(prefix="mw-ctl-")
     path = os.path.join(tmp, "sub", "control.sock")
     store = FakeStore()
-    config = FakeConfig(path)
+    config = make_config(tmp, path)
+    real = await Store.open(os.path.join(tmp, "store"))
+    await real.close()
     srv = ControlServer(root=toy_root(), config=lambda: config, store=store)  # type: ignore[arg-type]
+    srv.tmp = tmp  # type: ignore[attr-defined]
     await srv.start()
     SEEN.clear()
     try:
@@ -140,8 +162,7 @@ async def running() -> AsyncIterator[tuple[ControlServer, FakeStore, str]]:
     finally:
         await srv.stop()
         assert not os.path.exists(path)
-        os.rmdir(os.path.dirname(path))
-        os.rmdir(tmp)
+        shutil.rmtree(tmp)
 
 
 async def test_socket_mode_and_in_use() -> None:
@@ -193,8 +214,8 @@ async def test_refusal_is_audited_and_one_line() -> None:
         code, out, err = await asyncio.to_thread(ask, path, ["erase", "x@example.org"])
         assert code == 1 and out == b""
         (line,) = err.decode().splitlines()
-        assert re.fullmatch(r"mailwarden: erase: refused: needs role dpo; \S+ \(roles: auditor\)",
-                            line), line
+        assert re.fullmatch(r"mailwarden: erase: refused: needs role dpo; \S+"
+                            r" \(roles: auditor, investigator\)", line), line
         (row,) = store.rows
         assert row["command"] == "erase" and row["uid"] == os.getuid()
         assert row["reason"] == line.removeprefix("mailwarden: ")
@@ -203,6 +224,24 @@ async def test_refusal_is_audited_and_one_line() -> None:
         # A refusal does not depend on the rest of the line parsing.
         code, _, err = await asyncio.to_thread(ask, path, ["erase", "--bogus"])
         assert code == 1 and b"refused" in err and len(store.rows) == 2
+
+
+async def test_a_denial_in_a_command_body_is_audited() -> None:
+    async with running() as (srv, _, path):
+        code, out, err = await asyncio.to_thread(ask, path, ["quarantine", "show", "X-1"])
+        assert code == 1 and out == b""
+        assert err.decode() == ("mailwarden: quarantine show: refused: X-1 is personal;"
+                                " needs an approved grant\n")
+        real = await Store.open(os.path.join(srv.tmp, "store"))  # type: ignore[attr-defined]
+        try:
+            rows = await real.audit_rows()
+        finally:
+            await real.close()
+        (row,) = rows
+        _, _, user, uid, command, _, _, reason, _, detail, _ = row
+        assert (user, uid, command) == (current().user, os.getuid(), "quarantine show")
+        assert reason == "quarantine show: refused: X-1 is personal; needs an approved grant"
+        assert json.loads(detail)["outcome"] == "refused"
 
 
 @pytest.mark.parametrize("argv, needle", [
