@@ -82,6 +82,8 @@ REQUEST_TIMEOUT = 30.0
 SEND_TIMEOUT = 300.0
 #: Connections served at once (running or queued); more are answered "busy".
 MAX_CONNECTIONS = 64
+#: Connections one uid may hold at once (so one user cannot crowd out the others).
+MAX_PER_UID = 8
 #: Commands run at once (worker threads).
 WORKERS = 4
 #: Buffered stdout is sent once it reaches this size (or on flush after FLUSH_AFTER s).
@@ -442,6 +444,7 @@ class ControlServer:
     _writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False)
     _conns: set[_Connection] = field(default_factory=set, init=False)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
+    _per_uid: dict[int, int] = field(default_factory=dict, init=False)
     _undo: Callable[[], None] | None = field(default=None, init=False)
     _path: str = field(default="", init=False)
     _inode: tuple[int, int] | None = field(default=None, init=False)
@@ -534,10 +537,14 @@ class ControlServer:
             self._tasks.add(task)
         self._writers.add(writer)
         who = "unknown peer"
+        counted: int | None = None
         try:
             pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
             who = f"uid {uid} pid {pid}"
-            if len(self._writers) > self.max_connections:
+            counted = uid
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+            if len(self._writers) > self.max_connections or self._per_uid[uid] > MAX_PER_UID:
+                log.warning("busy: connection from %s refused", who)
                 await self._answer(writer, 1, "mailwarden: the daemon is busy; try again\n")
                 return
             try:
@@ -566,6 +573,10 @@ class ControlServer:
         except Exception:
             log.exception("request from %s failed", who)
         finally:
+            if counted is not None:
+                self._per_uid[counted] -= 1
+                if not self._per_uid[counted]:
+                    del self._per_uid[counted]
             if task is not None:
                 self._tasks.discard(task)
             self._writers.discard(writer)

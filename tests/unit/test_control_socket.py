@@ -37,6 +37,7 @@ import pytest
 from cli.common import Command, Group, run_with_store
 from cli.control import (
     EXIT,
+    MAX_PER_UID,
     STDERR,
     STDOUT,
     ControlServer,
@@ -297,6 +298,28 @@ async def test_garbage_and_stop_in_flight() -> None:
                 break
             await asyncio.sleep(0.1)  # poll interval of the wait for the command's end
         assert SEEN and SEEN[0][3] is True
+
+
+async def test_one_user_cannot_crowd_out_the_others() -> None:
+    async with running() as (_, _, path):
+        held = []
+        try:
+            for _ in range(MAX_PER_UID):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                held.append(s)
+                s.connect(path)
+            # each of those holds a connection (no request yet); one more is refused
+            code, out, err = await asyncio.to_thread(ask, path, ["log", "export", "--tag", "B"])
+            assert code == 1 and b"busy" in err
+        finally:
+            for s in held:
+                s.close()
+        for _ in range(600):
+            code, out, err = await asyncio.to_thread(ask, path, ["log", "export", "--tag", "C"])
+            if code == 0:
+                break
+            await asyncio.sleep(0.05)  # poll interval: the held connections' handlers end
+        assert code == 0, err
 
 
 # ------------------------------------------------------------ README table
