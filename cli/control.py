@@ -390,11 +390,26 @@ def walk(root: click.Group, ctx: click.Context, *,
 
 
 def file_option(ctx: click.Context) -> click.Parameter | None:
-    """The command's option that names a local file to write (``--output``)."""
+    """The command's option that names a local file to write (``--output``):
+    the client writes that file itself."""
     for param in ctx.command.params:
         if isinstance(param, click.Option) and param.name == "output":
             return param
     return None
+
+
+def file_params_given(ctx: click.Context) -> list[click.Parameter]:
+    """Parameters of the command that name a file (``--output``, or any of
+    type ``click.Path``/``click.File``) and have a value: the daemon refuses
+    such a request rather than open a file a caller chose."""
+    out = []
+    for param in ctx.command.params:
+        if param.name in (None, "config"):
+            continue
+        names_file = param.name == "output" or isinstance(param.type, click.Path | click.File)
+        if names_file and ctx.params.get(param.name) not in (None, "", ()):
+            out.append(param)
+    return out
 
 
 # ----------------------------------------------------------------- server
@@ -658,10 +673,9 @@ class ControlServer:
         code, ctx = self._parse_only(argv, obj)
         if code is not None or ctx is None:
             return 2 if code is None else code
-        param = file_option(ctx)
-        if param is not None and ctx.params.get(param.name or "") not in (None, ""):
-            say(f"{name}: {param.opts[-1]} names a file of the caller: the mailwarden"
-                " client writes it, the daemon sends the data")
+        for param in file_params_given(ctx):
+            say(f"{name}: {param.opts[-1] if param.opts else param.name} names a file of the"
+                " caller: the mailwarden client handles it, not the daemon")
             return 2
         log.info("granted %s to %s", name, caller.describe())
         try:
@@ -746,6 +760,7 @@ def control_output_active() -> bool:
 
 __all__ = [
     "ClientGone", "ControlServer", "ControlSocketInUse", "ProtocolError", "Request",
-    "control_output_active", "decode_request", "encode_request", "file_option", "frames",
+    "control_output_active", "decode_request", "encode_request", "file_option",
+    "file_params_given", "frames",
     "peer_credentials", "read_frame", "read_request", "resolve", "walk",
 ]

@@ -305,7 +305,7 @@ def _wait_log_records(env: Env, n: int) -> None:
 @pytest.mark.parametrize("command", sorted(COMMAND_ROLES))
 def test_each_command_as_each_role(env: Env, command: str) -> None:
     if command not in mounted_commands():
-        pytest.skip(f"{command}: not mounted on the CLI yet (issue 17's grants work adds it)")
+        pytest.skip(f"{command}: in COMMAND_ROLES but not mounted on the CLI yet")
     args = _args(command, env.qid)
     assert args is not None, f"{command}: add a command line to _args"
     need = COMMAND_ROLES[command]

@@ -246,7 +246,7 @@ async def test_a_denial_in_a_command_body_is_audited() -> None:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["log", "export", "--tag", "A", "--output", "/tmp/x"], b"client writes it"),
+    (["log", "export", "--tag", "A", "--output", "/tmp/x"], b"the mailwarden client handles it"),
     (["log", "export"], b"Missing option '--tag'"),
     (["log", "nope"], b"No such command"),
     (["nope"], b"No such command"),
