@@ -4,7 +4,8 @@ explicitly below.
 Where each command lives:
 
 * cli/serve.py: ``serve``, ``check`` (the only commands that build the filter
-  chain, and so the only ones that import the filters and their scanners);
+  chain, and so the only ones that import the filters and their scanners),
+  ``reload`` (asks the running daemon through the control socket);
 * cli/quarantine.py: ``quarantine list|show|release|delete|hold|unhold``;
 * cli/log.py: ``log export|verify|stats``;
 * cli/audit.py: ``audit list``;
@@ -64,6 +65,7 @@ def main(ctx: click.Context) -> None:
 
 main.add_command(serve.serve)
 main.add_command(serve.check)
+main.add_command(serve.reload_cmd)
 main.add_command(quarantine.quarantine)
 main.add_command(log.log_group)
 main.add_command(audit.audit)

@@ -49,7 +49,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -452,6 +452,9 @@ class ControlServer:
     root: click.Group
     config: Callable[[], Config]
     store: Store
+    #: the daemon's reload (``mailwarden reload``): a coroutine function
+    #: returning (ok, message); run in the daemon's loop
+    reload: Callable[[], Awaitable[tuple[bool, str]]] | None = None
     workers: int = WORKERS
     max_connections: int = MAX_CONNECTIONS
     _server: asyncio.AbstractServer | None = field(default=None, init=False)
@@ -642,7 +645,9 @@ class ControlServer:
         def say(line: str) -> None:
             sys.stderr.write(f"mailwarden: {line}\n")
 
-        obj = {"control_request": True, "config": config}
+        obj: dict[str, Any] = {"control_request": True, "config": config}
+        if self.reload is not None:
+            obj["reload"] = lambda: self._reload_from_worker(loop)
         # The command's name first (group options only: a refusal never
         # depends on how well the rest of the line parses), then the role.
         try:
@@ -679,8 +684,7 @@ class ControlServer:
             return 2
         log.info("granted %s to %s", name, caller.describe())
         try:
-            self.root.main(args=argv, prog_name="mailwarden", standalone_mode=True,
-                           obj={"control_request": True, "config": config})
+            self.root.main(args=argv, prog_name="mailwarden", standalone_mode=True, obj=obj)
         except SystemExit as exc:
             if exc.code is None:
                 return 0
@@ -706,6 +710,19 @@ class ControlServer:
         except SystemExit as exc:  # a callback's fail()
             return (exc.code if isinstance(exc.code, int) else 1), None
         return (None, ctx) if name is not None else (2, None)
+
+    def _reload_from_worker(self, loop: asyncio.AbstractEventLoop) -> tuple[bool, str]:
+        """``mailwarden reload`` in a worker: the daemon's reload, in its loop,
+        audited with the caller (the context travels with the coroutine)."""
+        assert self.reload is not None
+        reload = self.reload
+
+        async def go() -> tuple[bool, str]:
+            ok, message = await reload()
+            await self.store.audit("reload", detail={"outcome": "reloaded" if ok else message})
+            return ok, message
+
+        return asyncio.run_coroutine_threadsafe(go(), loop).result(300)
 
     async def _audit_refusal(self, caller: Caller, name: str, refusal: str,
                              argv: Sequence[str]) -> None:

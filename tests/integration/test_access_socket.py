@@ -364,6 +364,18 @@ def test_granted_rows_carry_the_peer(env: Env) -> None:
     assert [r for r in rows if r["command"] == "audit list" and r["uid"] == dpo.pw_uid]
 
 
+def test_reload_through_the_socket(env: Env) -> None:
+    out = env.run("operator", "reload")
+    assert out.returncode == 0, out.stderr
+    assert "configuration reloaded" in out.stdout
+    assert "configuration reloaded" in env.log()
+    operator = pwd.getpwnam(env.users["operator"])
+    rows = [r for r in env.audit() if r["command"] == "reload"
+            and r["detail"].get("outcome") == "reloaded"]
+    assert rows and rows[-1]["user"] == operator.pw_name
+    assert rows[-1]["uid"] == operator.pw_uid
+
+
 def test_the_store_is_out_of_reach_without_the_daemon(env: Env) -> None:
     prefix = as_user(env.users["none"])
     assert prefix is not None
