@@ -93,7 +93,28 @@ def _args(command: str, qid: str) -> list[str] | None:
         "check": ["check"],
         "reload": ["reload"],
     }
-    return table.get(command)
+    args = table.get(command)
+    if args is None:
+        return None
+    # Commands that take the policy's grounds and a case reference (issue 17's
+    # grants work) get them, so "allowed" means the command itself ran.
+    params = _param_names(command)
+    if "ground" in params and "--ground" not in args:
+        ground = ("false-positive" if command.startswith("quarantine") else
+                  "subject-access" if command in ("subject-access", "erase") else "legal-duty")
+        args = [*args, "--ground", ground]
+    if "case" in params and "--case" not in args:
+        args = [*args, "--case", "T-1"]
+    return args
+
+
+def _param_names(command: str) -> set[str]:
+    from cli import main
+
+    cmd: click.Command | None = main
+    for word in command.split():
+        cmd = cmd.commands.get(word) if isinstance(cmd, click.Group) else None
+    return {p.name for p in cmd.params if p.name} if cmd is not None else set()
 
 
 def mounted_commands() -> set[str]:
@@ -345,7 +366,9 @@ def test_granted_rows_carry_the_peer(env: Env) -> None:
     out = env.run("reviewer", "quarantine", "list", "--json")
     assert out.returncode == 0, out.stderr
     assert env.qid in out.stdout
-    out = env.run("reviewer", "quarantine", "show", env.qid)
+    show = _args("quarantine show", env.qid)
+    assert show is not None
+    out = env.run("reviewer", *show)
     assert out.returncode == 0, out.stderr
     assert "tool" in out.stdout
     reviewer = pwd.getpwnam(env.users["reviewer"])
@@ -436,7 +459,19 @@ def test_output_file_is_written_by_the_client(env: Env) -> None:
     assert re.search(r"^sha256 [0-9a-f]{64}  " + re.escape(str(target)) + "$",
                      out.stderr, re.M), out.stderr
     assert out.stdout == ""
-    # The service user could not have written there (0700, the auditor's).
+    # subject-access --output, by the dpo: the same.
+    dpo = pwd.getpwnam(env.users["dpo"])
+    dpodir = env.base / "out-dpo"
+    dpodir.mkdir(mode=0o700)
+    os.chown(dpodir, dpo.pw_uid, dpo.pw_gid)
+    sar = _args("subject-access", env.qid)
+    assert sar is not None
+    out = env.run("dpo", *sar, "--output", str(dpodir / "sar.json"))
+    assert out.returncode == 0, out.stderr
+    st = (dpodir / "sar.json").stat()
+    assert st.st_uid == dpo.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    json.loads((dpodir / "sar.json").read_text())
+    assert [p.name for p in dpodir.iterdir()] == ["sar.json"]
     # Refused: no file, no temp file left behind.
     none = pwd.getpwnam(env.users["none"])
     nonedir = env.base / "out-none"
