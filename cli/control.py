@@ -575,8 +575,10 @@ class ControlServer:
                 log.warning("bad request from %s: %s", who, why)
                 await self._answer(writer, 2, f"mailwarden: bad request: {why}\n")
                 return
+            if self._pool is None:
+                await self._answer(writer, 1, "mailwarden: the daemon is stopping\n")
+                return
             conn = _Connection(loop, writer)
-            assert self._pool is not None
             self._conns.add(conn)
             try:
                 code = await loop.run_in_executor(
@@ -748,8 +750,8 @@ class _Connection:
         """From the worker thread: send, wait until the client took it."""
         if self.gone:
             raise ClientGone
-        fut = asyncio.run_coroutine_threadsafe(self.send_async(kind, data), self.loop)
         try:
+            fut = asyncio.run_coroutine_threadsafe(self.send_async(kind, data), self.loop)
             fut.result(SEND_TIMEOUT + 60)
         except Exception:
             self.gone = True
