@@ -8,8 +8,9 @@ address digests (``mailwarden log verify`` accepts the result).  Then runs,
 each as a real subprocess, timed with ``os.wait4`` (wall time and the child's
 own peak RSS):
 
-* ``mailwarden log export --format csv --output FILE``
+* ``mailwarden log export --format csv --output FILE`` (pseudonymised, the default)
 * ``mailwarden log export --format jsonl --output FILE``
+* the same two with ``--identified`` (the stored records, no pseudonyms)
 * ``mailwarden log export --address A --format csv`` (one busy address)
 * ``mailwarden log verify`` (with ``--verify``)
 * the baseline: a bare ``sqlite3`` SELECT of the same rows written with
@@ -260,15 +261,17 @@ def main() -> int:
         report("baseline", wall, rss, out, n)
         out.unlink()
 
-        for fmt in ("csv", "jsonl"):
+        # pseudonymised (the default) and --identified (the stored records as they are)
+        for fmt, extra in (("csv", ()), ("jsonl", ()), ("csv", ("--identified",)),
+                           ("jsonl", ("--identified",))):
             out = work / f"export.{fmt}"
             wall, rss, rc, err = run_child(
                 [*MAILWARDEN, "log", "export", "--config", str(config), "--format", fmt,
-                 "--output", str(out)])
+                 "--output", str(out), *extra])
             assert rc == 0, err
             manifest = err.strip().splitlines()[-1]
             assert manifest.endswith(f"{n} records"), manifest
-            report(f"mailwarden log export {fmt}", wall, rss, out, n)
+            report(f"log export {fmt} {' '.join(extra)}".rstrip(), wall, rss, out, n)
             out.unlink()
 
         with sqlite3.connect(store / DB_NAME) as db:

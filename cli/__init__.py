@@ -10,6 +10,9 @@ Where each command lives:
 * cli/log.py: ``log export|verify|stats``;
 * cli/audit.py: ``audit list``;
 * cli/data.py: ``purge``, ``subject-access``, ``erase``;
+* cli/access.py: ``access request|approve|deny|list`` (two-person approval)
+  and the ``--ground``/``--case`` options;
+* cli/store.py: ``store keygen``;
 * cli/client.py and cli/control.py: the control socket (``[access]``): the
   client that forwards a command to ``serve``, and the server ``serve``
   runs, which checks the caller's role and runs the command in-process;
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import click
 
-from cli import audit, data, log, quarantine, serve
+from cli import access, audit, data, log, quarantine, serve
+from cli import store as store_cli
 from cli.common import Group, config_option
 
 __all__ = ["main"]
@@ -72,3 +76,5 @@ main.add_command(audit.audit)
 main.add_command(data.purge)
 main.add_command(data.subject_access)
 main.add_command(data.erase)
+main.add_command(access.access)
+main.add_command(store_cli.store)

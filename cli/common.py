@@ -195,7 +195,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
 
     Errors end the command with one line on stderr, never a traceback: a
     :class:`~quarantine.access.Denied` (a grant or finer rule missing:
-    audited as a refusal by :func:`audit_denied`, exit 1); a
+    audited where it was decided, ``quarantine.grants.refuse``; exit 1); a
     :class:`~quarantine.review.Refusal` with its own status (2: the command
     line lacks something; 1: the store or item does not allow it); a store
     that is missing, unreadable or broken exits 1: the backend raises
@@ -209,7 +209,6 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     from quarantine.store import NotFound, OnHold, StoreError, open_store
 
     config = get_config(ctx)
-    command = _command_name(ctx)
 
     def failed(message: str, code: int) -> NoReturn:
         if serving:
@@ -226,11 +225,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
         try:
             if serving:
                 store.start_log_writer()
-            try:
-                return await body(store, config) or 0
-            except Denied as exc:
-                await audit_denied(store, command, exc)
-                raise
+            return await body(store, config) or 0
         finally:
             await store.close()
 
@@ -239,6 +234,7 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     except Refusal as exc:
         failed(exc.message, exc.code)
     except Denied as exc:
+        # refused for lack of a role or grant: audited where it was decided
         failed(exc.message, 1)
     except NotFound as exc:
         failed(f"no quarantine item {exc}", 1)
@@ -254,25 +250,6 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     except OSError as exc:
         failed(f"{exc.strerror or exc}: {exc.filename or config.store.path}", 1)
     sys.exit(code)
-
-
-async def audit_denied(store: Store, command: str, exc: Exception) -> None:
-    """The audit row of a refusal a command body raised
-    (:class:`quarantine.access.Denied`: a grant or a finer rule missing):
-    like the control socket's role refusals, ``reason`` = the refusal and
-    ``detail.outcome = "refused"``; the user is the caller
-    (``quarantine.access.current``).  Refused even when the row cannot be
-    written."""
-    from quarantine.access import current
-    from quarantine.store import StoreError
-
-    caller = current()
-    try:
-        await store.audit(command, reason=str(getattr(exc, "message", exc)),
-                          detail={"outcome": "refused", "roles": sorted(caller.roles)})
-    except StoreError as err:
-        logging.getLogger("mailwarden").error("cannot audit the refusal of %s to %s: %s",
-                                              command, caller.user, err)
 
 
 # ------------------------------------------- arguments and output (kept data)

@@ -14,8 +14,10 @@ amavisd-release talks to amavisd.  Per connection:
    answered as click would, exit 2 / 0); only the commands of
    :data:`~quarantine.access.COMMAND_ROLES` run here;
 4. :func:`~quarantine.access.role_refusal` decides; a refusal is written to
-   the audit trail (the command, the caller, ``reason`` = the refusal,
-   ``detail.outcome = "refused"``) and answered with that one line, exit 1;
+   the audit trail as ``quarantine.grants.refuse`` writes the commands' own
+   refusals (command ``"<command> (refused)"``, the caller's user and uid,
+   ``detail.refused`` and ``reason`` = the refusal) and answered with that
+   one line, exit 1;
 5. a granted command runs in-process in a worker thread of a bounded pool,
    under :func:`~quarantine.access.set_current` (so its audit rows carry the
    peer's user and uid), with its own store connection (``run_with_store``);
@@ -730,9 +732,10 @@ class ControlServer:
                              argv: Sequence[str]) -> None:
         token = set_current(caller)
         try:
+            # The row shape of quarantine.grants.refuse: "<command> (refused)".
             await self.store.audit(
-                name, reason=refusal,
-                detail={"outcome": "refused", "roles": sorted(caller.roles),
+                f"{name} (refused)", reason=refusal,
+                detail={"refused": refusal, "roles": sorted(caller.roles),
                         "pid": caller.pid, "argv": _clean_argv(argv)})
         finally:
             reset_current(token)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
+from cli.access import access_enforced, check_purpose, purpose_options
 from cli.common import (
     Command,
     audit_detail,
@@ -25,7 +27,8 @@ from cli.common import (
     run_with_store,
 )
 from gateway.config import Config
-from quarantine import review
+from quarantine import grants, review
+from quarantine.access import current
 from quarantine.review import Refusal
 from quarantine.store import Store, os_user
 
@@ -40,7 +43,11 @@ from quarantine.store import Store, os_user
 def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     """Apply retention now: log records, quarantine items and files older than
     store.retention_days (except items under legal hold), audit rows older than
-    store.audit_retention_days.  `serve` does this every store.purge_interval."""
+    store.audit_retention_days.  `serve` does this every store.purge_interval.
+
+    With store.key_file set, the data keys of the expired periods are destroyed
+    too, so that copies in backups cannot be read any more; the destruction
+    report lists them with their fingerprints (--json: one object)."""
     from quarantine.retention import purge as do_purge
 
     async def run(store: Store, config: Config) -> int:
@@ -50,7 +57,12 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             json_line(summary)
             return 0
         verb = "to remove (dry run)" if dry_run else "removed"
-        click.echo(f"retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
+        click.echo(f"destruction report {summary['now']}"
+                   + (" (dry run: nothing destroyed)" if dry_run else ""))
+        click.echo(f"  retention {summary['retention_days']} days: cutoff {summary['cutoff']}")
+        for h in summary.get("holds_released", ()):
+            click.echo(f"  hold {'expired' if dry_run else 'expired, released'}: {h['id']}"
+                       f" (case {h['case'] or '-'}, until {h['until']})")
         files = "" if dry_run else f" ({summary['files_removed']} files)"
         click.echo(f"  quarantine items {verb}: {summary['quarantine_items']}{files};"
                    f" kept under legal hold: {summary['kept_under_hold']}")
@@ -62,9 +74,31 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
             if summary["orphan_files_removed"]:
                 click.echo(f"  orphan message files removed: {summary['orphan_files_removed']}")
             click.echo(f"  database checkpoint: {summary['checkpoint']}")
+        _print_keys(summary, dry_run)
         return 0
 
     run_with_store(ctx, run)
+
+
+def _print_keys(summary: dict[str, Any], dry_run: bool) -> None:
+    """The crypto-shredding part of the destruction report."""
+    if not summary.get("encryption"):
+        click.echo("  encryption: off (store.key_file is not set): no keys to destroy")
+        return
+    verb = "to destroy (dry run)" if dry_run else "destroyed"
+    periods = summary["periods_destroyed"]
+    click.echo(f"  bodies encrypted; key-encryption key fingerprint {summary['kek_fingerprint']}")
+    click.echo(f"  period keys {verb}: {len(periods)}")
+    for p in periods:
+        click.echo(f"    {p['key_id']}  fingerprint {p['fingerprint']}  created {p['created']}")
+    holds = summary["hold_keys_destroyed"]
+    click.echo(f"  hold keys {verb}: {len(holds)}")
+    for h in holds:
+        click.echo(f"    {h['key_id']}  fingerprint {h['fingerprint']}")
+    if not dry_run:
+        click.echo(f"  key store checkpoint: {summary.get('keys_checkpoint', 'n/a')}")
+        for qid in summary.get("held_items", []):
+            click.echo(f"  kept under legal hold (own key): {qid}")
 
 
 # ------------------------------------------------------ subject access, erase
@@ -79,18 +113,28 @@ def purge(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
               help="Include held messages' content (needs --reason).")
 @click.option("--reason", metavar="TEXT", help="Why (recorded in the audit trail).")
 @click.option("--exceptional", is_flag=True,
-              help="With --include-bodies: also the content of mail marked personal.")
+              help="With --include-bodies: also the content of mail marked personal (with"
+                   " access control: needs an approved grant for ADDRESS).")
+@purpose_options
 @click.pass_context
 def subject_access(ctx: click.Context, address: str, output: str | None, include_bodies: bool,
-                   reason: str | None, exceptional: bool) -> None:
+                   reason: str | None, exceptional: bool, ground: str | None,
+                   case: str | None) -> None:
     """Everything kept about ADDRESS (log records, quarantine metadata, audit
     rows) as one JSON document; a summary goes to stderr."""
     addr = check_address(address)
     why = need_reason(reason, "subject-access --include-bodies", required=include_bodies)
+    purpose = check_purpose(ctx, "subject-access", ground, case, required=access_enforced())
     if exceptional and not include_bodies:
         fail("subject-access: --exceptional applies only to --include-bodies", 2)
 
     async def run(store: Store, config: Config) -> int:
+        grant = None
+        if include_bodies and exceptional:
+            grant = await grants.require_grant(
+                store, current(), "subject-access", grants.PERSONAL_BODY, purpose=purpose,
+                what=f"the content of personal mail of {addr}", addresses=[addr],
+                targets=[addr], hint=f"mailwarden access request --address {addr}")
         handle = tmp = None
         if output:
             try:
@@ -104,7 +148,8 @@ def subject_access(ctx: click.Context, address: str, output: str | None, include
                 "subject-access", targets=[addr], reason=why, exceptional=personal_bodies,
                 filters={"include_bodies": include_bodies, "output": output or "-"},
                 detail=audit_detail(log_records=len(subject.log_seqs),
-                                     quarantine_items=len(subject.item_ids)),
+                                     quarantine_items=len(subject.item_ids),
+                                     grant=grant["id"] if grant else None, **purpose.detail()),
             )
             out = handle if handle is not None else sys.stdout
             counts = await review.write_subject_access(
@@ -136,13 +181,16 @@ def subject_access(ctx: click.Context, address: str, output: str | None, include
 @click.argument("address")
 @click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
 @click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+@purpose_options
 @click.pass_context
-def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool) -> None:
+def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool,
+          ground: str | None, case: str | None) -> None:
     """Erase log records and quarantine items concerning ADDRESS (securely),
     except items under legal hold, which are reported.  Erased log records
     become chain tombstones so `log verify` still holds; audit rows stay."""
     addr = check_address(address)
     why = need_reason(reason, "erase")
+    purpose = check_purpose(ctx, "erase", ground, case, required=access_enforced())
 
     async def run(store: Store, config: Config) -> int:
         subject = await review.find_subject(store, addr)
@@ -150,7 +198,7 @@ def erase(ctx: click.Context, address: str, reason: str | None, as_json: bool) -
         seq = await store.audit(
             "erase", targets=[addr], reason=why,
             detail=audit_detail(log_seqs=subject.log_seqs, quarantine_ids=erasable,
-                                 kept_under_hold=subject.held_ids),
+                                 kept_under_hold=subject.held_ids, **purpose.detail()),
         )
         result = await review.erase(store, subject, audit_seq=seq)
         if as_json:

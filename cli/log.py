@@ -8,6 +8,12 @@ the SHA-256 of the bytes written and whether it completed (so an interrupted
 export is visible as such).  ``verify`` reads only hashes and shows no data,
 so it is not audited.
 
+Exports are pseudonymised (``quarantine/pseudonym.py``): each gets an id
+(printed on stderr, in every record) and a random HMAC key kept in the
+store's ``export`` table; ``log reidentify EXPORT_ID PSEUDONYM`` finds the
+address again.  ``--identified`` exports and re-identification need an
+approved grant when access control applies (``quarantine/grants.py``).
+
 Exit status: 0 success, 1 failure (store unusable, output not writable, a
 broken chain), 2 usage or configuration error.
 """
@@ -25,10 +31,16 @@ from typing import Any, BinaryIO
 
 import click
 
+from cli.access import access_enforced, check_purpose, purpose_options
 from cli.common import Group, config_option, run_with_store
 from gateway.config import Config
+from quarantine import grants
 from quarantine import log as logmod
-from quarantine.store import Store, StoreError
+from quarantine.access import current
+from quarantine.grants import Purpose
+from quarantine.pseudonym import Pseudonymiser, new_key
+from quarantine.review import Refusal
+from quarantine.store import Store, StoreError, iso
 
 
 def _err(message: str) -> None:
@@ -99,12 +111,21 @@ class _AtomicFile:
 @click.option("--json", "as_json", is_flag=True, help="Same as --format jsonl.")
 @click.option("--output", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
               help="Write FILE atomically (mode 0600) and print its SHA-256 on stderr.")
+@click.option("--identified", is_flag=True,
+              help="Real addresses instead of pseudonyms (with access control: needs --address,"
+                   " --ground, --case and an approved grant for that address).")
+@purpose_options
 @click.pass_context
 def export_cmd(ctx: click.Context, since: datetime | None, until: datetime | None,
                address: str | None, direction: str | None, fmt: str | None, as_json: bool,
-               output: Path | None) -> None:
+               output: Path | None, identified: bool, ground: str | None,
+               case: str | None) -> None:
     """Export the header-only log for auditors (streams; csv to stdout by default).
 
+    Addresses are replaced by pseudonyms (HMAC-SHA256 with a key of this
+    export only: the same person has the same pseudonym within the export,
+    another one in the next); the export id goes to stderr
+    (`mailwarden log reidentify EXPORT_ID PSEUDONYM` with a grant).
     Every export is recorded in the audit trail before any record is read.
     A progress bar is shown on stderr when it is a terminal.
     """
@@ -112,17 +133,32 @@ def export_cmd(ctx: click.Context, since: datetime | None, until: datetime | Non
         raise click.UsageError("--json and --format csv contradict each other")
     fmt = "jsonl" if as_json else (fmt or "csv")
     query = _query(since, until, address, direction)
+    enforced = access_enforced()
+    purpose = check_purpose(ctx, "log export --identified" if identified else "log export",
+                            ground, case, required=identified and enforced)
+    if identified and enforced and query.address is None:
+        raise click.UsageError("--identified needs --address A (a grant covers one address)")
     if output is not None and not output.parent.is_dir():
         raise click.BadParameter(f"directory {output.parent} does not exist",
                                  param_hint="--output")
 
     async def body(store: Store, config: Config) -> int:
-        return await _export(store, query, fmt, output)
+        grant = None
+        if identified:
+            grant = await grants.require_grant(
+                store, current(), "log export", grants.IDENTIFIED_EXPORT, purpose=purpose,
+                what=f"an identified export of {query.address}",
+                addresses=[query.address or ""], targets=[query.address or ""],
+                hint=f"mailwarden access request --address {query.address}")
+        return await _export(store, query, fmt, output, identified=identified,
+                             purpose=purpose, grant=grant["id"] if grant else None)
 
     run_with_store(ctx, body)
 
 
-async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path | None) -> int:
+async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path | None, *,
+                  identified: bool = False, purpose: Purpose | None = None,
+                  grant: str | None = None) -> int:
     sink: _AtomicFile | None = None
     progress: Any = None
     status = "failed"
@@ -131,15 +167,31 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
     filters = {**query.filters(), "format": fmt,
                "output": str(output.resolve()) if output else "-"}
     targets = [query.address] if query.address else []
+    purpose = purpose or Purpose()
+    caller = current()
+    now = store.clock()
+    export_id = grants.new_export_id(now)
+    pseudo = None if identified else Pseudonymiser(new_key())
     try:
         query = dataclasses.replace(query, up_to=await logmod.last_seq(store))
         try:
             await store.audit("log export", targets=targets, filters=filters,
-                              detail={"up_to_seq": query.up_to})
+                              detail={"up_to_seq": query.up_to, "export_id": export_id,
+                                      "identified": identified, "grant": grant,
+                                      **purpose.detail()})
+            await store.add_export({
+                "id": export_id, "time": iso(now), "user": caller.user, "uid": caller.uid,
+                "ground": purpose.ground or "", "case_ref": purpose.case or "",
+                "filters": {**query.filters(), "up_to": query.up_to, "format": fmt},
+                "identified": identified,
+                "hmac_key": None if pseudo is None else pseudo.key.hex(),
+            })
         except StoreError as exc:
             _err(f"cannot write the audit row, nothing exported: {exc}")
             return 1
         audited = True
+        click.echo(f"export {export_id} ({'identified' if identified else 'pseudonymised'})",
+                   err=True)
         if output is not None:
             try:
                 sink = _AtomicFile(output)
@@ -173,7 +225,8 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
                 progress.advance(task, n)
 
         try:
-            result = await logmod.export(store, query, fmt, out, tick)
+            result = await logmod.export(store, query, fmt, out, tick,
+                                         export_id=export_id, pseudo=pseudo)
         except BrokenPipeError:
             # The reader went away (``| head``): stop quietly, but say so.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -218,6 +271,69 @@ async def _export(store: Store, query: logmod.LogQuery, fmt: str, output: Path |
                 )
         except StoreError as exc:
             _err(f"could not record the end of the export in the audit trail: {exc}")
+
+
+# --------------------------------------------------------------- reidentify
+
+
+@log_group.command("reidentify")
+@config_option
+@click.argument("export_id", metavar="EXPORT_ID")
+@click.argument("pseudonym", metavar="PSEUDONYM")
+@purpose_options
+@click.pass_context
+def reidentify_cmd(ctx: click.Context, export_id: str, pseudonym: str, ground: str | None,
+                   case: str | None) -> None:
+    """The address behind PSEUDONYM in export EXPORT_ID.
+
+    With access control this needs --ground, --case and an approved grant
+    for that address, or for the address the export was filtered to
+    (`mailwarden access request --address A`).  Audited, refusals included.
+    """
+    purpose = check_purpose(ctx, "log reidentify", ground, case, required=access_enforced())
+    export_id = export_id.strip()
+    pseudonym = pseudonym.strip().lower()
+    if not export_id or len(export_id) > 64 or not export_id.isprintable():
+        raise click.UsageError(f"invalid export id {export_id!r}")
+    if not pseudonym.startswith("pn-") or len(pseudonym) > 64 or not pseudonym.isprintable():
+        raise click.UsageError(f"invalid pseudonym {pseudonym!r} (expected pn-...)")
+
+    async def body(store: Store, config: Config) -> int:
+        caller = current()
+        targets = [export_id, pseudonym]
+        export = await store.get_export(export_id)
+        if export is None:
+            await store.audit("log reidentify", targets=targets,
+                              detail={**purpose.detail(), "result": "no such export"})
+            raise Refusal(f"log reidentify: no export {export_id}", 1)
+        if export["identified"] or not export["hmac_key"]:
+            await store.audit("log reidentify", targets=targets,
+                              detail={**purpose.detail(), "result": "identified export"})
+            raise Refusal(f"log reidentify: export {export_id} was identified: it has no"
+                          " pseudonyms", 1)
+        address = await logmod.reidentify(store, export["filters"],
+                                          bytes.fromhex(export["hmac_key"]), pseudonym)
+        if address is None:
+            await store.audit("log reidentify", targets=targets,
+                              detail={**purpose.detail(), "result": "not found"})
+            raise Refusal(f"log reidentify: {pseudonym} stands for no address of export"
+                          f" {export_id} (records purged or erased since?)", 1)
+        scope = [address]
+        if export["filters"].get("address"):
+            scope.append(str(export["filters"]["address"]))
+        grant = await grants.require_grant(
+            store, caller, "log reidentify", grants.REIDENTIFY, purpose=purpose,
+            what=f"re-identifying {pseudonym} of export {export_id}", addresses=scope,
+            targets=targets, hint="for the address behind it, or the address the export is"
+                                  " filtered to: mailwarden access request --address ADDR")
+        await store.audit("log reidentify", targets=[*targets, address],
+                          detail={**purpose.detail(), "result": "found",
+                                  "grant": grant["id"] if grant else None,
+                                  "export_user": export["user"]})
+        click.echo(address)
+        return 0
+
+    run_with_store(ctx, body)
 
 
 # ------------------------------------------------------------------- verify

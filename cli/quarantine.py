@@ -14,6 +14,13 @@ of access, rectification, erasure"*.  The rules every command here follows:
   personal also needs ``--exceptional``, and the audit row is then marked
   exceptional.  Without ``--body`` only headers and the attachment list are
   shown.  ``subject-access --include-bodies`` follows the same rule.
+* With access control (the command came through the control socket:
+  ``quarantine.access.current().enforced``), the commands that read content
+  or change an item take ``--ground G --case C`` (required; recorded in the
+  audit row's detail), a personal body needs an approved grant instead of
+  ``--exceptional`` (``quarantine/grants.py``), a reviewer deletes only
+  items not marked personal, and ``hold`` needs ``--case``.  Refusals are
+  audited as ``<command> (refused)``.
 * Exit status: 0 success; 1 failure (store unreadable, unknown item, next hop
   refused, item under hold); 2 usage (a missing reason or flag, a bad id or
   date, a recipient that was not an original one).  Every refusal is one line
@@ -33,6 +40,7 @@ from typing import Any
 
 import click
 
+from cli.access import access_enforced, check_purpose, purpose_options
 from cli.common import (
     Group,
     audit_detail,
@@ -49,10 +57,11 @@ from cli.common import (
     short_time,
 )
 from gateway.config import Config
-from quarantine import review
+from quarantine import grants, review
+from quarantine.access import current
 from quarantine.log import When
 from quarantine.review import Refusal
-from quarantine.store import Store, os_user
+from quarantine.store import Store, iso, os_user
 
 # -------------------------------------------------------------- quarantine
 
@@ -120,12 +129,24 @@ def _print_items(items: Iterable[dict[str, Any]], with_state: bool) -> None:
         row = [
             i["id"], short_time(i["received"]), i["direction"][:3], short(i["mail_from"] or "<>", 30),
             short(", ".join(i["rcpt_tos"]), 30), short(i["subject"], 40), i["reason"],
-            short(i["detail"], 30), "yes" if i["personal"] else "", "HOLD" if i["hold"] else "",
+            short(i["detail"], 30), "yes" if i["personal"] else "", _hold_text(i),
         ]
         if with_state:
             row.append(i["state"])
         table.add_row(*row)
     console().print(table)
+
+
+def _hold_text(item: dict[str, Any]) -> str:
+    """``HOLD``, with the case and end of a named hold: ``HOLD case 7 (to 2026-12-31)``."""
+    if not item["hold"]:
+        return ""
+    text = "HOLD"
+    if item.get("hold_case"):
+        text += " " + short(item["hold_case"], 20)
+    if item.get("hold_until"):
+        text += f" (to {item['hold_until'][:10]})"
+    return text
 
 
 @quarantine.command("show")
@@ -134,28 +155,46 @@ def _print_items(items: Iterable[dict[str, Any]], with_state: bool) -> None:
 @click.option("--body", is_flag=True, help="Also show the message text (needs --reason).")
 @click.option("--reason", metavar="TEXT", help="Why (recorded in the audit trail).")
 @click.option("--exceptional", is_flag=True,
-              help="Exceptional access to the body of mail marked personal (audited as such).")
+              help="Exceptional access to the body of mail marked personal (audited as such;"
+                   " with access control: an approved grant instead).")
+@purpose_options
 @click.pass_context
 def show_cmd(ctx: click.Context, qid: str, body: bool, reason: str | None,
-             exceptional: bool) -> None:
-    """Show a held message's headers and attachment list (and body with --body)."""
+             exceptional: bool, ground: str | None, case: str | None) -> None:
+    """Show a held message's headers and attachment list (and body with --body).
+
+    With access control, --body needs --ground and --case, and the body of
+    mail marked personal needs an approved grant (`mailwarden access request`).
+    """
 
     check_qid(qid)
     why = need_reason(reason, "quarantine show --body", required=body)
+    purpose = check_purpose(ctx, "quarantine show --body" if body else "quarantine show",
+                            ground, case, required=body and access_enforced())
     if exceptional and not body:
         fail("quarantine show: --exceptional applies only to --body", 2)
 
     async def run(store: Store, config: Config) -> int:
+        caller = current()
         item = await review.get_item(store, qid)
-        if body and item["personal"] and not exceptional:
-            raise Refusal(
-                f"{qid} is marked personal: its body is opened only as an exceptional access; "
-                "add --exceptional (the audit trail records it as such)", 2
-            )
+        grant = None
+        if body and item["personal"]:
+            if caller.enforced:
+                grant = await grants.require_grant(
+                    store, caller, "quarantine show", grants.PERSONAL_BODY, purpose=purpose,
+                    what=f"the body of {qid} (marked personal)", item=qid,
+                    addresses=grants.item_addresses(item), targets=[qid],
+                    hint=f"mailwarden access request --item {qid}")
+            elif not exceptional:
+                raise Refusal(
+                    f"{qid} is marked personal: its body is opened only as an exceptional"
+                    " access; add --exceptional (the audit trail records it as such)", 2
+                )
         await store.audit(
             "quarantine show", targets=[qid], reason=why,
             exceptional=bool(body and item["personal"]),
-            detail=audit_detail(body=body, personal=item["personal"]),
+            detail=audit_detail(body=body, personal=item["personal"],
+                                grant=grant["id"] if grant else None, **purpose.detail()),
         )
         _print_item(item)
         if item["state"] == "deleted":
@@ -200,8 +239,10 @@ def _print_item(item: dict[str, Any]) -> None:
         ("Subject", item["subject"] or ""),
         ("Reason", item["reason"]),
         ("Detail", item["detail"]),
-        ("Personal", "yes (body only with --exceptional)" if item["personal"] else "no"),
-        ("Legal hold", "yes" if item["hold"] else "no"),
+        ("Personal", ("yes (body only as an exceptional access: "
+                      + ("an approved grant)" if current().enforced else "--exceptional)"))
+         if item["personal"] else "no"),
+        ("Legal hold", (_hold_text(item).replace("HOLD", "yes", 1) if item["hold"] else "no")),
         ("Size", f"{item['size']} bytes"),
         ("SHA-256", item["sha256"]),
     ]
@@ -217,9 +258,10 @@ def _print_item(item: dict[str, Any]) -> None:
               help="Release only to these original recipients (repeatable).")
 @click.option("--force", is_flag=True,
               help="Release mail held by clamav (virus or unscannable), or send again.")
+@purpose_options
 @click.pass_context
 def release_cmd(ctx: click.Context, qid: str, reason: str | None, to: tuple[str, ...],
-                force: bool) -> None:
+                force: bool, ground: str | None, case: str | None) -> None:
     """Re-inject a held message to the next hop with its original envelope.
 
     Adds `X-Mailwarden-Released: <user> <time>`; the item is marked released
@@ -227,6 +269,7 @@ def release_cmd(ctx: click.Context, qid: str, reason: str | None, to: tuple[str,
     """
     check_qid(qid)
     why = need_reason(reason, "quarantine release")
+    purpose = check_purpose(ctx, "quarantine release", ground, case, required=access_enforced())
 
     async def run(store: Store, config: Config) -> int:
         from gateway.relay import send_message
@@ -246,7 +289,7 @@ def release_cmd(ctx: click.Context, qid: str, reason: str | None, to: tuple[str,
         await store.audit(
             "quarantine release", targets=[qid], reason=why,
             detail=audit_detail(recipients=recipients, sender=item["mail_from"], force=force,
-                                 next_hop=gw.next_hop),
+                                 next_hop=gw.next_hop, **purpose.detail()),
         )
         accepted, reply, refused = await send_message(
             gw.next_hop, item["mail_from"], recipients, content,
@@ -279,21 +322,35 @@ def release_cmd(ctx: click.Context, qid: str, reason: str | None, to: tuple[str,
 @config_option
 @click.argument("qid", metavar="ID")
 @click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
+@purpose_options
 @click.pass_context
-def delete_cmd(ctx: click.Context, qid: str, reason: str | None) -> None:
+def delete_cmd(ctx: click.Context, qid: str, reason: str | None, ground: str | None,
+               case: str | None) -> None:
     """Delete a held message now: the file is overwritten and unlinked, the row
-    keeps only a tombstone (id, times, reason) without addresses or headers."""
+    keeps only a tombstone (id, times, reason) without addresses or headers.
+
+    With access control, a reviewer may delete only items not marked personal
+    (a dpo decides about personal mail)."""
     check_qid(qid)
     why = need_reason(reason, "quarantine delete")
+    purpose = check_purpose(ctx, "quarantine delete", ground, case, required=access_enforced())
 
     async def run(store: Store, config: Config) -> int:
+        caller = current()
         item = await review.get_item(store, qid)
+        if caller.enforced and item["personal"] and "dpo" not in caller.roles:
+            await grants.refuse(
+                store, "quarantine delete",
+                f"quarantine delete: refused: {qid} is marked personal; deleting it needs"
+                f" role dpo; {caller.describe()}",
+                targets=[qid], purpose=purpose)
         if item["state"] == "deleted":
             raise Refusal(f"quarantine item {qid} was already deleted ({item['updated']})", 1)
         if item["hold"]:
             raise Refusal(f"quarantine item {qid} is under legal hold; unhold it first", 1)
         await store.audit("quarantine delete", targets=[qid], reason=why,
-                          detail=audit_detail(state=item["state"]))
+                          detail=audit_detail(state=item["state"], personal=item["personal"],
+                                              **purpose.detail()))
         removed = await review.delete_item(store, qid)
         checkpoint = await store.checkpoint()
         click.echo(f"deleted {qid}" + (" (file overwritten and removed)" if removed
@@ -304,32 +361,65 @@ def delete_cmd(ctx: click.Context, qid: str, reason: str | None) -> None:
     run_with_store(ctx, run)
 
 
-def _hold_command(name: str, hold: bool, doc: str) -> click.Command:
-    @quarantine.command(name, help=doc)
-    @config_option
-    @click.argument("qid", metavar="ID")
-    @click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
-    @click.pass_context
-    def cmd(ctx: click.Context, qid: str, reason: str | None) -> None:
-        check_qid(qid)
-        why = need_reason(reason, f"quarantine {name}")
+@quarantine.command("hold")
+@config_option
+@click.argument("qid", metavar="ID")
+@click.option("--case", "case", metavar="C",
+              help="The investigation this hold is for (required with access control).")
+@click.option("--until", "until", type=When(end=True), metavar="DATE",
+              help="The hold ends then (a date: at its end); purge releases it to normal"
+                   " retention afterwards.  Default: until unhold.")
+@click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
+@click.pass_context
+def hold_cmd(ctx: click.Context, qid: str, case: str | None, until: datetime | None,
+             reason: str | None) -> None:
+    """Put an item under legal hold for an investigation: retention purge
+    keeps it (until --until, if given), delete and erase refuse it."""
+    check_qid(qid)
+    why = need_reason(reason, "quarantine hold")
+    purpose = check_purpose(ctx, "quarantine hold", None, case, required=False)
+    if access_enforced() and purpose.case is None:
+        fail("quarantine hold needs --case C (the investigation the hold is for)", 2)
+    until_text = iso_or_none(until)
 
-        async def run(store: Store, config: Config) -> int:
-            item = await review.get_item(store, qid)
-            if item["state"] == "deleted":
-                raise Refusal(f"quarantine item {qid} was deleted", 1)
-            await store.audit(f"quarantine {name}", targets=[qid], reason=why,
-                              detail=audit_detail(was_held=item["hold"]))
-            await review.set_hold(store, qid, hold)
-            already = " (already)" if item["hold"] == hold else ""
-            click.echo(f"{qid}: legal hold {'on' if hold else 'off'}{already}")
-            return 0
+    async def run(store: Store, config: Config) -> int:
+        item = await review.get_item(store, qid)
+        if item["state"] == "deleted":
+            raise Refusal(f"quarantine item {qid} was deleted", 1)
+        if until_text is not None and until_text <= iso(store.clock()):
+            raise Refusal(f"quarantine hold: --until {until_text} is not in the future", 2)
+        await store.audit("quarantine hold", targets=[qid], reason=why,
+                          detail=audit_detail(was_held=item["hold"], until=until_text,
+                                              **purpose.detail()))
+        await review.set_hold(store, qid, True, case=purpose.case, until=until_text)
+        already = " (already; case and end replaced)" if item["hold"] else ""
+        named = (f" for case {purpose.case}" if purpose.case else "") + (
+            f" until {until_text}" if until_text else "")
+        click.echo(f"{qid}: legal hold on{named}{already}")
+        return 0
 
-        run_with_store(ctx, run)
-
-    return cmd
+    run_with_store(ctx, run)
 
 
-_hold_command("hold", True,
-              "Put an item under legal hold: retention purge keeps it, delete and erase refuse it.")
-_hold_command("unhold", False, "Lift an item's legal hold (retention applies again).")
+@quarantine.command("unhold")
+@config_option
+@click.argument("qid", metavar="ID")
+@click.option("--reason", metavar="TEXT", help="Why (required; recorded in the audit trail).")
+@click.pass_context
+def unhold_cmd(ctx: click.Context, qid: str, reason: str | None) -> None:
+    """Lift an item's legal hold (retention applies again)."""
+    check_qid(qid)
+    why = need_reason(reason, "quarantine unhold")
+
+    async def run(store: Store, config: Config) -> int:
+        item = await review.get_item(store, qid)
+        if item["state"] == "deleted":
+            raise Refusal(f"quarantine item {qid} was deleted", 1)
+        await store.audit("quarantine unhold", targets=[qid], reason=why,
+                          detail=audit_detail(was_held=item["hold"], case=item.get("hold_case")))
+        await review.set_hold(store, qid, False)
+        already = " (already)" if not item["hold"] else ""
+        click.echo(f"{qid}: legal hold off{already}")
+        return 0
+
+    run_with_store(ctx, run)

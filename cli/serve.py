@@ -246,8 +246,17 @@ async def _check(config: Config) -> int:
         line(False, f"next hop {config.gateway.next_hop}: {exc.reason}")
     finally:
         await relay.quit()
+    if config.store.key_file:
+        from quarantine.crypto import KekError, load_kek
+
+        try:
+            kek = load_kek(config.store.key_file)
+            line(True, f"key file {config.store.key_file}: readable, mode ok,"
+                       f" fingerprint {kek.fingerprint}")
+        except KekError as exc:
+            line(False, str(exc))
     try:
-        store = await open_store(config.store)
+        store = await open_store(config.store, create=True)
         good, text = await store.check()
         line(good, text)
         await store.close()

@@ -173,6 +173,9 @@ class StoreSettings:
     instance: str = ""
     #: key-encryption key file for the per-period data keys ("" = no encryption)
     key_file: str = ""
+    #: postgresql: the database of the wrapped data keys, apart from the data;
+    #: "" = the dsn's database name + "_keys" on the same server
+    key_dsn: str = ""
 
 
 def check_milter_listen(value: str) -> str:

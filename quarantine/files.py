@@ -95,6 +95,12 @@ def read_message(root: Path, relative: str) -> bytes:
     return message_path(root, relative).read_bytes()
 
 
+def read_head(root: Path, relative: str, size: int = 128) -> bytes:
+    """The first ``size`` bytes of a message file (a sealed file's header)."""
+    with open(message_path(root, relative), "rb") as fh:
+        return fh.read(size)
+
+
 def secure_delete(root: Path, relative: str) -> bool:
     """Overwrite a message file with zeros, fsync, then unlink.  False if absent.
 

@@ -84,6 +84,8 @@ def public(item: dict[str, Any]) -> dict[str, Any]:
         "detail": item["detail"],
         "personal": item["personal"],
         "hold": item["hold"],
+        "hold_case": item.get("hold_case"),
+        "hold_until": item.get("hold_until"),
         "state": item["state"],
         "queue_id": item["queue_id"],
         "client_addr": item["client_addr"],
@@ -338,8 +340,10 @@ async def delete_item(store: Store, qid: str) -> bool:
         raise Refusal(f"quarantine item {qid} is under legal hold; unhold it first", 1) from None
 
 
-async def set_hold(store: Store, qid: str, hold: bool) -> None:
-    await store.set_hold(qid, hold)
+async def set_hold(store: Store, qid: str, hold: bool, *, case: str | None = None,
+                   until: str | None = None) -> None:
+    """Hold ``qid`` (for ``case``, until ``until`` or indefinitely), or lift its hold."""
+    await store.set_hold(qid, hold, case=case, until=until)
 
 
 # ---------------------------------------------------- subject access, erase

@@ -32,16 +32,17 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from quarantine import files
+from quarantine import crypto, files
 from quarantine.store import (
     COLUMNS,
     DB_NAME,
     GENESIS,
     MESSAGES_DIR,
+    Chain,
     LogFilter,
     NotFound,
     OnHold,
@@ -55,6 +56,9 @@ from quarantine.store import (
     os_user,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from quarantine.crypto import KeyRing
 
 log = logging.getLogger("mailwarden.store")
 
@@ -119,7 +123,53 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit (time);
     """,
+    # 2: access control (issue 17): exceptional-access requests and their
+    # grants, pseudonymised exports (with each export's HMAC key), and holds
+    # that name their investigation and may expire.  Additive only: old rows
+    # (and the audit chain over them) are untouched.
+    """
+    CREATE TABLE access_request (
+        id TEXT PRIMARY KEY,
+        created TEXT NOT NULL,
+        requester TEXT NOT NULL,
+        requester_uid INTEGER NOT NULL,
+        scope_kind TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        ground TEXT NOT NULL,
+        case_ref TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        decided TEXT,
+        decided_by TEXT,
+        decided_uid INTEGER,
+        expires TEXT
+    );
+    CREATE INDEX access_request_scope ON access_request (scope_kind, scope);
+    CREATE INDEX access_request_created ON access_request (created);
+    CREATE TABLE export (
+        id TEXT PRIMARY KEY,
+        time TEXT NOT NULL,
+        user TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        ground TEXT NOT NULL DEFAULT '',
+        case_ref TEXT NOT NULL DEFAULT '',
+        filters TEXT NOT NULL DEFAULT '{}',
+        identified INTEGER NOT NULL DEFAULT 0,
+        hmac_key TEXT
+    );
+    ALTER TABLE quarantine ADD COLUMN hold_case TEXT;
+    ALTER TABLE quarantine ADD COLUMN hold_until TEXT;
+    CREATE INDEX quarantine_hold_until ON quarantine (hold_until) WHERE hold = 1
+    """,
 ]
+
+#: Columns of ``access_request`` in the order :func:`request_row` reads them.
+REQUEST_COLUMNS = (
+    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
+    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
+)
+EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
+                  "hmac_key")
 
 
 
@@ -257,10 +307,13 @@ class SQLiteStore:
         clock: Callable[[], datetime] = utcnow,
         batch_size: int = 200,
         flush_interval: float = 0.5,
+        keyring: KeyRing | None = None,
     ) -> None:
         self.root = root
         self.db = db
         self.clock = clock
+        #: seals message files when ``[store] key_file`` is set (None: plaintext)
+        self.keyring = keyring
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._log_queue: asyncio.Queue[dict[str, Any] | None] | None = None
@@ -279,7 +332,11 @@ class SQLiteStore:
         batch_size: int = 200,
         flush_interval: float = 0.5,
         create: bool = True,
+        keyring: KeyRing | None = None,
     ) -> SQLiteStore:
+        """Open (``create``: make) the store at ``path``.  ``keyring``
+        (:func:`quarantine.crypto.open_keyring`) seals new message files and
+        opens sealed ones; the store closes it."""
         root = Path(path)
         try:
             if create:
@@ -304,7 +361,8 @@ class SQLiteStore:
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=10000")
-            store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval)
+            store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval,
+                        keyring=keyring)
             await store._migrate()
         except (OSError, aiosqlite.Error) as exc:
             await db.close()
@@ -331,8 +389,12 @@ class SQLiteStore:
                 raise
 
     async def close(self) -> None:
-        await self.stop_log_writer()
-        await self.db.close()
+        try:
+            await self.stop_log_writer()
+            await self.db.close()
+        finally:
+            if self.keyring is not None:
+                await self.keyring.close()
 
     async def check(self) -> tuple[bool, str]:
         """For ``mailwarden check`` and /healthz: a write test in the store."""
@@ -343,7 +405,16 @@ class SQLiteStore:
             await asyncio.to_thread(probe.unlink)
         except (OSError, aiosqlite.Error) as exc:
             return False, f"store {self.root}: {exc}"
-        return True, f"store {self.root} writable (schema v{len(MIGRATIONS)})"
+        text = f"store {self.root} writable (schema v{len(MIGRATIONS)})"
+        if self.keyring is not None:
+            try:
+                records = await self.keyring.records()
+            except StoreError as exc:
+                return False, str(exc)
+            live = sum(1 for r in records if r.wrapped is not None)
+            text += (f"; bodies encrypted, key store {self.keyring.where}: {live} live data keys,"
+                     f" {len(records) - live} destroyed")
+        return True, text
 
     # ------------------------------------------------------------ quarantine
 
@@ -375,8 +446,18 @@ class SQLiteStore:
         relative = f"{MESSAGES_DIR}/{now:%Y/%m/%d}/{qid}.eml"
         sha = hashlib.sha256(raw).hexdigest()
         loop = asyncio.get_running_loop()
+        data = raw
+        if self.keyring is not None:
+            # sealed under the key of the day it was received (its period),
+            # bound to its quarantine id; the sha256 column stays the plaintext's
+            try:
+                data = await self.keyring.seal(crypto.period_of(received), qid.encode(), raw)
+            except StoreError as exc:
+                raise StoreError(f"cannot seal quarantine file: {exc}") from None
+            except (OSError, aiosqlite.Error) as exc:
+                raise StoreError(f"cannot seal quarantine file: {exc}") from None
         try:
-            await loop.run_in_executor(None, files.write_durable, self.root, relative, raw)
+            await loop.run_in_executor(None, files.write_durable, self.root, relative, data)
         except OSError as exc:
             raise StoreError(f"cannot write quarantine file: {exc}") from None
         addrs = addresses_of(
@@ -716,8 +797,70 @@ class SQLiteStore:
         return out
 
     async def read_body(self, item: Mapping[str, Any]) -> bytes:
-        """The stored message bytes of ``item`` (FileNotFoundError, StorePathError)."""
-        return await asyncio.to_thread(files.read_message, self.root, item["path"])
+        """The stored message bytes of ``item`` (FileNotFoundError, StorePathError).
+
+        A sealed file is opened with the key ring (:class:`~quarantine.crypto.KeyDestroyed`
+        once its period's key is gone); a plaintext file (kept before
+        ``key_file`` was set) is returned as it is."""
+        data = await asyncio.to_thread(files.read_message, self.root, item["path"])
+        if not crypto.is_sealed(data):
+            return data
+        if self.keyring is not None:
+            try:
+                return await self.keyring.open(data, str(item["id"]).encode())
+            except (crypto.CryptoError, crypto.KekError):
+                if not await self._is_plaintext(data, item):
+                    raise
+                return data
+        if await self._is_plaintext(data, item):
+            return data
+        raise StoreError(f"the message file of {item['id']} is encrypted and store.key_file"
+                         " is not set")
+
+    @staticmethod
+    async def _is_plaintext(data: bytes, item: Mapping[str, Any]) -> bool:
+        """Whether ``data`` is the plaintext message itself (one that happens to
+        start like a sealed blob), by its recorded SHA-256."""
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == item["sha256"])
+
+    async def _reseal_for_hold(self, item: Mapping[str, Any]) -> bool:
+        """Re-encrypt a held item's file under its own key ``hold:<id>``, so it
+        outlives its period's key; whether the file was rewritten."""
+        if self.keyring is None or item["state"] == "deleted":
+            return False
+        qid = str(item["id"])
+        try:
+            head = await asyncio.to_thread(files.read_head, self.root, item["path"])
+        except FileNotFoundError:
+            return False
+        if not crypto.is_sealed(head):
+            return False  # kept before encryption was switched on: stays as it is
+        try:
+            if crypto.parse_blob(head).key_id == crypto.hold_key_id(qid):
+                return False  # done already
+        except crypto.BlobError:
+            pass  # read_body tells a plaintext that starts like a blob apart
+        plain = await self.read_body(item)
+        blob = await self.keyring.seal(crypto.hold_key_id(qid), qid.encode(), plain)
+        await asyncio.to_thread(files.write_durable, self.root, item["path"], blob)
+        return True
+
+    async def _destroy_hold_keys(self, ids: Sequence[str]) -> None:
+        if self.keyring is not None and ids:
+            await self.keyring.destroy([crypto.hold_key_id(i) for i in ids])
+
+    async def reseal_held_before(self, cutoff: str) -> list[str]:
+        """Ids of the items under hold received before ``cutoff``, each made
+        sure to be sealed under its own hold key (retention calls this before
+        destroying the period keys; normally ``set_hold`` did it already)."""
+        async with self.db.execute(
+            _SELECT + " WHERE received < ? AND hold = 1 AND state != 'deleted' ORDER BY received",
+            (cutoff,),
+        ) as cur:
+            items = [item_row(r) for r in await cur.fetchall()]
+        for item in items:
+            await self._reseal_for_hold(item)
+        return [i["id"] for i in items]
 
     async def item_is_live(self, qid: str, path: str) -> bool:
         """Whether a live (not deleted) row owns the message file ``path``."""
@@ -746,12 +889,146 @@ class SQLiteStore:
                 (now, qid),
             )
 
-    async def set_hold(self, qid: str, hold: bool) -> None:
+    async def set_hold(self, qid: str, hold: bool, *, case: str | None = None,
+                       until: str | None = None) -> None:
+        """Put ``qid`` under hold (naming its ``case``, until ``until`` or
+        indefinitely) or lift it (case and until cleared).  Setting it first
+        re-encrypts a sealed file under the item's own key (``hold:<id>``),
+        which stays until the item is deleted, erased or purged (an unheld
+        item keeps it)."""
+        if hold:
+            item = await self.get_item(qid)
+            if item is not None:
+                await self._reseal_for_hold(item)
         now = iso(self.clock())
+        if not hold:
+            case = until = None
         async with self.transaction() as db:
             await db.execute(
-                "UPDATE quarantine SET hold = ?, updated = ? WHERE id = ?", (int(hold), now, qid)
+                "UPDATE quarantine SET hold = ?, hold_case = ?, hold_until = ?, updated = ?"
+                " WHERE id = ?",
+                (int(hold), case, until, now, qid),
             )
+
+    async def release_expired_holds(
+        self, now: str, *, dry_run: bool = False
+    ) -> list[tuple[str, str | None, str]]:
+        """(id, case, until) of the holds whose ``until`` is at or before
+        ``now``; unless ``dry_run``, lift them (in the same transaction), so
+        retention applies to those items again."""
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT id, hold_case, hold_until FROM quarantine WHERE hold = 1"
+                " AND hold_until IS NOT NULL AND hold_until <= ? ORDER BY hold_until, id",
+                (now,),
+            ) as cur:
+                rows = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+            if rows and not dry_run:
+                for chunk in _chunks([r[0] for r in rows]):
+                    await db.execute(
+                        "UPDATE quarantine SET hold = 0, hold_case = NULL, hold_until = NULL,"
+                        f" updated = ? WHERE hold = 1 AND id IN ({_marks(len(chunk))})",
+                        [now, *chunk],
+                    )
+        return rows
+
+    # ------------------------------------------------- access control
+
+    async def add_access_request(self, request: Mapping[str, Any]) -> None:
+        """Insert an exceptional-access request (keys :data:`REQUEST_COLUMNS`)."""
+        values = [request.get(c) for c in REQUEST_COLUMNS]
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO access_request (id, created, requester, requester_uid, scope_kind,"
+                " scope, ground, case_ref, reason, state, decided, decided_by, decided_uid,"
+                " expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+    async def get_access_request(self, rid: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
+            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
+            " WHERE id = ?",
+            (rid,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else dict(zip(REQUEST_COLUMNS, row, strict=True))
+
+    async def access_requests(
+        self, *, requester: str | None = None, scope_kind: str | None = None,
+        scope: Sequence[str] = (), state: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests (oldest first), optionally only ``requester``'s, of one
+        scope kind and scope values, in one stored state."""
+        where: list[str] = []
+        args: list[Any] = []
+        if requester is not None:
+            where.append("requester = ?")
+            args.append(requester)
+        if scope_kind is not None:
+            where.append("scope_kind = ?")
+            args.append(scope_kind)
+        if scope:
+            values = list(scope)
+            where.append(f"scope IN ({_marks(len(values))})")
+            args += values
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
+               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
+               " FROM access_request")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created, id"
+        async with self.db.execute(sql, args) as cur:
+            return [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in await cur.fetchall()]
+
+    async def decide_access_request(
+        self, rid: str, *, state: str, decided: str, decided_by: str, decided_uid: int,
+        expires: str | None,
+    ) -> bool:
+        """Approve or deny a *pending* request; False when it was not pending
+        (decided meanwhile: checked inside the updating statement)."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE access_request SET state = ?, decided = ?, decided_by = ?,"
+                " decided_uid = ?, expires = ? WHERE id = ? AND state = 'pending'",
+                (state, decided, decided_by, decided_uid, expires, rid),
+            )
+            changed = cur.rowcount
+            await cur.close()
+        return changed == 1
+
+    async def add_export(self, export: Mapping[str, Any]) -> None:
+        """Record an export (keys :data:`EXPORT_COLUMNS`; ``filters`` a mapping)."""
+        values = [export.get(c) for c in EXPORT_COLUMNS]
+        values[EXPORT_COLUMNS.index("filters")] = canonical(dict(export.get("filters") or {}))
+        values[EXPORT_COLUMNS.index("identified")] = int(bool(export.get("identified")))
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO export (id, time, user, uid, ground, case_ref, filters, identified,"
+                " hmac_key) VALUES (?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+    async def get_export(self, eid: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT id, time, user, uid, ground, case_ref, filters, identified, hmac_key"
+            " FROM export WHERE id = ?",
+            (eid,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip(EXPORT_COLUMNS, row, strict=True))
+        try:
+            out["filters"] = json.loads(out["filters"] or "{}")
+        except ValueError:
+            out["filters"] = {}
+        out["identified"] = bool(out["identified"])
+        return out
 
     async def delete_item(self, qid: str) -> bool:
         """Tombstone the row (blanking everything personal), then overwrite and
@@ -775,7 +1052,9 @@ class SQLiteStore:
                 (now, qid),
             )
             await db.execute("DELETE FROM quarantine_address WHERE id = ?", (qid,))
-        return await asyncio.to_thread(files.secure_delete, self.root, path)
+        removed = await asyncio.to_thread(files.secure_delete, self.root, path)
+        await self._destroy_hold_keys([qid])
+        return removed
 
     async def _remove_items(self, rows: Sequence[Sequence[Any]], db: aiosqlite.Connection) -> None:
         ids = [r[0] for r in rows]
@@ -803,6 +1082,7 @@ class SQLiteStore:
         for p in paths:
             if await asyncio.to_thread(files.secure_delete, self.root, p):
                 files_removed += 1
+        await self._destroy_hold_keys(removed)
         return removed, files_removed
 
     # ----------------------------------------------------- subject access
@@ -891,6 +1171,38 @@ class SQLiteStore:
 
     async def audit_anchor(self) -> str:
         return await self._meta("audit_anchor", GENESIS)
+
+    # ------------------------------------------- chains (for log verify)
+
+    async def log_chains(self) -> list[Chain]:
+        """The one log chain (instance ""), from ``meta.log_anchor``."""
+        return [Chain("", await self.log_anchor())]
+
+    async def log_chain_page(self, instance: str, after: int, limit: int) -> list[Row]:
+        """Rows of the (one) chain with ``seq > after``, in seq order."""
+        async with self.db.execute(
+            "SELECT seq, time, queue_id, direction, record, hash FROM log WHERE seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cur:
+            return [Row(*r) for r in await cur.fetchall()]
+
+    async def audit_chains(self) -> list[Chain]:
+        return [Chain("", await self.audit_anchor())]
+
+    async def audit_chain_page(
+        self, instance: str, after: int, limit: int
+    ) -> list[tuple[Any, ...]]:
+        """:meth:`audit_page` rows plus (chain seq, instance "", record hash "")."""
+        return [(*r, r[0], "", "") for r in await self.audit_page(after, limit)]
+
+    async def anchor_chain(self) -> Chain:
+        """No anchor chain (see :meth:`anchor_page`): it starts at GENESIS."""
+        return Chain("", GENESIS, 0)
+
+    async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]:
+        """No anchor chain: one writer's chain needs none."""
+        return []
 
     # ----------------------------------------------------- audit: reading
 

@@ -2,9 +2,11 @@
 
 :class:`StoreProtocol` lists the domain methods the rest of mailwarden uses
 (quarantine, log append/iterate, audit, subject access, erasure, retention,
-metrics counts); no SQL outside a backend module.  The first backend is
-:class:`quarantine.sqlite.SQLiteStore` (schema and migrations live there);
-``Store`` stays the name callers open a store with (``await Store.open(path)``).
+metrics counts); no SQL outside a backend module.  The backends:
+:class:`quarantine.sqlite.SQLiteStore` (the default; ``Store`` stays the name
+callers open a SQLite store with, ``await Store.open(path)``) and
+:class:`quarantine.postgres.PostgresStore` (several gateways on one database;
+docs/store.md); :func:`open_store` picks one from ``[store] backend``.
 
 The SQLite layout under ``store.path``: one database (WAL) and message files.
 
@@ -18,6 +20,12 @@ Tables (schema versioned, see ``MIGRATIONS``):
   edit breaks the chain; ``log_address`` indexes the addresses.
 * ``audit``: every access to kept data (chained the same way).
 * ``meta``: schema version and chain anchors.
+* ``access_request`` (schema v2): exceptional-access requests and, once a
+  second person approved them, grants (``quarantine/grants.py``).
+* ``export`` (schema v2): every log export (id, time, user, ground, case,
+  filters) with its pseudonym key (``quarantine/pseudonym.py``).
+* ``quarantine.hold_case`` / ``hold_until`` (schema v2): the investigation a
+  hold is for and when it ends (``release_expired_holds``).
 
 All SQL is plain and parameterised, in ``quarantine/sqlite.py``.  Writes
 from the event loop go through aiosqlite's thread, file I/O through an
@@ -58,11 +66,19 @@ COLUMNS = (
     "id", "received", "queue_id", "direction", "client_addr", "helo", "mail_from",
     "rcpt_tos", "hdr_from", "hdr_to", "subject", "message_id", "hdr_date", "size",
     "reason", "detail", "personal", "hold", "state", "path", "sha256", "verdicts", "updated",
+    "hold_case", "hold_until",
 )
 
 
 class Row(NamedTuple):
-    """One stored log row."""
+    """One stored log row.
+
+    ``seq`` identifies the record in the whole store (SQLite: its chain
+    position; PostgreSQL: the global id that orders all instances' rows).
+    A backend with several chains also gives the row's ``instance``, its
+    chain position ``pos``, and ``record_hash`` (``sha256(record)``: the
+    chain is then ``hash = chain_hash(prev, record_hash)``).  Empty/0 for
+    SQLite, whose one chain hashes the record itself."""
 
     seq: int
     time: str
@@ -70,6 +86,24 @@ class Row(NamedTuple):
     direction: str
     record: str
     hash: str
+    instance: str = ""
+    pos: int = 0
+    record_hash: str = ""
+
+
+class Chain(NamedTuple):
+    """One hash chain of a store (``log_chains``/``audit_chains``).
+
+    SQLite has one chain (``instance`` ""); PostgreSQL one per gateway
+    instance.  ``anchor`` is the ``prev`` of the oldest remaining row (GENESIS,
+    or the hash of the last row retention purged), ``anchor_seq`` that purged
+    row's chain position (None: not recorded), ``head`` the (position, hash)
+    of the last row ever appended (None: not recorded)."""
+
+    instance: str
+    anchor: str
+    anchor_seq: int | None = None
+    head: tuple[int, str] | None = None
 
 
 class LogFilter(Protocol):
@@ -159,7 +193,7 @@ def addresses_of(values: Iterable[str | None]) -> set[str]:
 
 
 class StoreProtocol(Protocol):
-    """What mailwarden needs from a store backend (SQLite today; PostgreSQL next).
+    """What mailwarden needs from a store backend (SQLite, PostgreSQL: docs/store.md).
 
     Quarantine items are dicts with the keys :data:`COLUMNS`; times are ISO
     strings from :func:`iso`.  Log and audit appends take their chain position
@@ -171,6 +205,8 @@ class StoreProtocol(Protocol):
     root: Path
     clock: Callable[[], datetime]
     log_failures: int
+    #: seals stored content (``[store] key_file``); None = no encryption
+    keyring: KeyRing | None
 
     async def close(self) -> None: ...
     async def check(self) -> tuple[bool, str]: ...
@@ -194,9 +230,29 @@ class StoreProtocol(Protocol):
     async def delete_body(self, path: str) -> bool: ...
     async def item_is_live(self, qid: str, path: str) -> bool: ...
     async def mark_released(self, qid: str) -> None: ...
-    async def set_hold(self, qid: str, hold: bool) -> None: ...
+    async def set_hold(self, qid: str, hold: bool, *, case: str | None = None,
+                       until: str | None = None) -> None: ...
     async def delete_item(self, qid: str) -> bool: ...
     async def quarantine_totals(self) -> tuple[int, int]: ...
+
+    async def release_expired_holds(
+        self, now: str, *, dry_run: bool = False
+    ) -> list[tuple[str, str | None, str]]: ...
+
+    # access control (issue 17): requests/grants and exports; rows are dicts
+    # with the keys of quarantine.grants.REQUEST_KEYS / EXPORT_KEYS
+    async def add_access_request(self, request: Mapping[str, Any]) -> None: ...
+    async def get_access_request(self, rid: str) -> dict[str, Any] | None: ...
+    async def access_requests(
+        self, *, requester: str | None = None, scope_kind: str | None = None,
+        scope: Sequence[str] = (), state: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+    async def decide_access_request(
+        self, rid: str, *, state: str, decided: str, decided_by: str, decided_uid: int,
+        expires: str | None,
+    ) -> bool: ...
+    async def add_export(self, export: Mapping[str, Any]) -> None: ...
+    async def get_export(self, eid: str) -> dict[str, Any] | None: ...
 
     # subject access and erasure
     async def subject_log_seqs(self, address: str) -> list[int]: ...
@@ -216,6 +272,16 @@ class StoreProtocol(Protocol):
     async def log_last_seq(self) -> int: ...
     async def log_index(self, lo: int, hi: int) -> dict[int, list[str]]: ...
     async def log_anchor(self) -> str: ...
+
+    # chain iteration (for ``mailwarden log verify``): every chain, in chain order
+    async def log_chains(self) -> list[Chain]: ...
+    async def log_chain_page(self, instance: str, after: int, limit: int) -> list[Row]: ...
+    async def audit_chains(self) -> list[Chain]: ...
+    async def audit_chain_page(
+        self, instance: str, after: int, limit: int
+    ) -> list[tuple[Any, ...]]: ...
+    async def anchor_chain(self) -> Chain: ...
+    async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]: ...
 
     # audit
     async def audit(
@@ -252,14 +318,32 @@ async def open_store(
     ``create`` (``serve``): make the store (directory, database, schema) when it
     is missing; every other command refuses a missing store.  ``tuning`` is the
     log writer's batching (``batch_size``, ``flush_interval``).
+
+    ``[store] key_file`` set: the key ring (:mod:`quarantine.crypto`: the KEK
+    from that file, the data keys in their own key store) goes to the backend,
+    which seals what it stores with it and closes it; "" = no encryption.
     """
-    if settings.backend == "postgresql":
-        from quarantine.postgres import PostgresStore
+    from quarantine.crypto import open_keyring
 
-        return await PostgresStore.open(settings, create=create, clock=clock, **tuning)
-    from quarantine.sqlite import SQLiteStore
+    shared = settings.backend == "postgresql"
+    ring = await open_keyring(settings.key_file, Path(settings.path), create=create, clock=clock,
+                              dsn=settings.dsn if shared else "",
+                              key_dsn=settings.key_dsn if shared else "")
+    extra: dict[str, Any] = {"keyring": ring} if ring is not None else {}
+    try:
+        if settings.backend == "postgresql":
+            from quarantine.postgres import PostgresStore
 
-    return await SQLiteStore.open(settings.path, create=create, clock=clock, **tuning)
+            return await PostgresStore.open(settings, create=create, clock=clock, **extra,
+                                            **tuning)
+        from quarantine.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(settings.path, create=create, clock=clock, **extra,
+                                      **tuning)
+    except BaseException:
+        if ring is not None:
+            await ring.close()
+        raise
 
 
 # The first backend, and the name callers open a store with (``Store.open``).
@@ -278,12 +362,13 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from gateway.config import StoreSettings
+    from quarantine.crypto import KeyRing
     from quarantine.sqlite import MIGRATIONS, SQLiteStore
 
     Store = SQLiteStore
 
 __all__ = [
-    "COLUMNS", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
+    "COLUMNS", "Chain", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
     "NotFound", "OnHold", "Row", "SQLiteStore", "Store", "StoreError", "StoreProtocol",
     "addresses_of", "canonical", "chain_hash", "erased_record", "is_erased", "iso",
     "new_quarantine_id", "open_store", "os_user", "utcnow",

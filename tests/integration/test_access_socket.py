@@ -352,14 +352,14 @@ def test_each_command_as_each_role(env: Env, command: str) -> None:
             assert out.stdout == "", label
             refused.append(user)
     assert env.alive(), env.log()
-    rows = [r for r in env.audit() if r["command"] == command
-            and r.get("detail", {}).get("outcome") == "refused"]
+    rows = [r for r in env.audit() if r["command"] == f"{command} (refused)"]
     for user in refused:
         mine = [r for r in rows if r["user"] == user]
         assert mine, f"the refusal of {command} to {user} is not in the audit trail"
         row = mine[-1]
         assert row["uid"] == pwd.getpwnam(user).pw_uid
-        assert "refused: needs role" in row["reason"] and command in row["reason"]
+        assert row["detail"]["refused"] == row["reason"]
+        assert row["reason"].startswith(f"{command}: refused: needs role")
 
 
 def test_granted_rows_carry_the_peer(env: Env) -> None:

@@ -9,7 +9,9 @@ with a matching SHA-256 manifest line; every export and stats run is audited
 (before and after); spreadsheet formulas are neutralised in csv; a progress
 bar appears only on a terminal; ``log verify`` passes, then fails naming the
 record after one stored value is edited with sqlite3; usage and config errors
-exit 2, an absent store exits 1.
+exit 2, an absent store exits 1.  The exports here are ``--identified`` where
+they compare real addresses (pseudonymised exports:
+tests/integration/test_access_grants.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import pty
+import re
 import sqlite3
 import stat
 import subprocess
@@ -133,10 +136,12 @@ def csv_records(text: str) -> list[dict[str, str]]:
 
 def test_export_formats_and_filters(populated: tuple[Gateway, Path], tmp_path: Path) -> None:
     gw, config = populated
-    # everything, csv (the default), to stdout: no progress bar, no manifest
-    res = mw(config, "log", "export")
+    # everything, csv (the default), to stdout: no progress bar, no manifest;
+    # the export id on stderr.  Identified (real addresses: the owner's direct
+    # access, no [access]); pseudonymised exports: tests/integration/test_access_grants.py
+    res = mw(config, "log", "export", "--identified")
     assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
+    assert re.fullmatch(r"export E\d{8}-[0-9A-F]{10} \(identified\)\n", res.stderr), res.stderr
     rows = csv_records(res.stdout)
     assert len(rows) == 5
     assert [r["subject"] for r in rows[:2]] == ["Private: January", "February report"]
@@ -146,13 +151,20 @@ def test_export_formats_and_filters(populated: tuple[Gateway, Path], tmp_path: P
     assert "personal:relay" in rows[4]["verdicts"] and "personal=true" in rows[4]["verdicts"]
 
     # jsonl (and --json) parse with json, carry seq + hash and the same records
-    res = mw(config, "log", "export", "--format", "jsonl")
+    res = mw(config, "log", "export", "--format", "jsonl", "--identified")
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [str(o["seq"]) for o in lines] == [r["seq"] for r in rows]
     assert [o["hash"] for o in lines] == [r["hash"] for r in rows]
     assert lines[0]["rcpt_tos"] == ["alice@example.com"] and lines[0]["personal"] is True
-    assert mw_inproc(config, "log", "export", "--json").stdout == res.stdout
+
+    def without_export_id(text: str) -> list[dict[str, Any]]:
+        objs = [json.loads(line) for line in text.splitlines()]
+        assert len({o.pop("export_id") for o in objs}) == 1
+        return objs
+
+    assert without_export_id(mw_inproc(config, "log", "export", "--json", "--identified").stdout
+                             ) == without_export_id(res.stdout)
 
     def subjects(*args: str) -> list[str]:
         r = mw_inproc(config, "log", "export", "--format", "jsonl", *args)
@@ -181,7 +193,9 @@ def test_export_formats_and_filters(populated: tuple[Gateway, Path], tmp_path: P
     assert res.stdout == ""
     data = out.read_bytes()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    assert res.stderr.strip() == f"sha256 {hashlib.sha256(data).hexdigest()}  {out}  4 records"
+    first, manifest = res.stderr.strip().splitlines()
+    assert first.startswith("export E") and first.endswith("(pseudonymised)")
+    assert manifest == f"sha256 {hashlib.sha256(data).hexdigest()}  {out}  4 records"
     assert len(csv_records(data.decode())) == 4
     assert sorted(p.name for p in out.parent.iterdir()) == ["log.csv"]
 

@@ -259,7 +259,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, dns_txt: Callable[..., Any] | None = None) -> None:
         from gateway.server import Gateway as GatewayServer
-        from quarantine.store import Store
+        from quarantine.store import open_store
 
         self.config = config
         self.store_path = Path(config.store.path)
@@ -268,8 +268,8 @@ class Gateway:
         self.results = self.recorder.results
 
         async def go() -> tuple[Any, Any, tuple[str, int]]:
-            store = await Store.open(
-                config.store.path, flush_interval=config.store.log_flush_interval
+            store = await open_store(
+                config.store, create=True, flush_interval=config.store.log_flush_interval
             )
             store.start_log_writer()
             gw = GatewayServer(config, store=store, dns_txt=dns_txt, observers=[self.recorder])

@@ -46,7 +46,8 @@ from cli.control import (
     read_frame,
 )
 from gateway.config import ROLES, Config, parse_config
-from quarantine.access import COMMAND_ROLES, Denied, current
+from quarantine.access import COMMAND_ROLES, current
+from quarantine.grants import refuse
 from quarantine.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +90,9 @@ def toy_root() -> click.Group:
     @click.pass_context
     def show(ctx: click.Context, qid: str) -> None:
         async def body(store: Any, config: Any) -> int:
-            raise Denied(f"quarantine show: refused: {qid} is personal; needs an approved grant")
+            await refuse(store, "quarantine show",
+                         f"quarantine show: refused: {qid} is personal; needs an approved grant",
+                         targets=[qid])
 
         run_with_store(ctx, body)
 
@@ -218,9 +221,9 @@ async def test_refusal_is_audited_and_one_line() -> None:
         assert re.fullmatch(r"mailwarden: erase: refused: needs role dpo; \S+"
                             r" \(roles: auditor, investigator\)", line), line
         (row,) = store.rows
-        assert row["command"] == "erase" and row["uid"] == os.getuid()
+        assert row["command"] == "erase (refused)" and row["uid"] == os.getuid()
         assert row["reason"] == line.removeprefix("mailwarden: ")
-        assert row["detail"]["outcome"] == "refused"
+        assert row["detail"]["refused"] == row["reason"]
         assert row["detail"]["argv"] == ["erase", "x@example.org"]
         # A refusal does not depend on the rest of the line parsing.
         code, _, err = await asyncio.to_thread(ask, path, ["erase", "--bogus"])
@@ -239,10 +242,11 @@ async def test_a_denial_in_a_command_body_is_audited() -> None:
         finally:
             await real.close()
         (row,) = rows
-        _, _, user, uid, command, _, _, reason, _, detail, _ = row
-        assert (user, uid, command) == (current().user, os.getuid(), "quarantine show")
-        assert reason == "quarantine show: refused: X-1 is personal; needs an approved grant"
-        assert json.loads(detail)["outcome"] == "refused"
+        _, _, user, uid, command, _, _, _, _, detail, _ = row
+        assert (user, uid, command) == (current().user, os.getuid(),
+                                        "quarantine show (refused)")
+        assert json.loads(detail)["refused"] == ("quarantine show: refused: X-1 is personal;"
+                                                 " needs an approved grant")
 
 
 @pytest.mark.parametrize("argv, needle", [
