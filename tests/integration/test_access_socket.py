@@ -204,6 +204,7 @@ class Env:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     qid: str = ""
+    personal_qid: str = ""
     relayed: int = 0
 
     def run(self, who: str, *args: str, config: Path | None = None,
@@ -227,15 +228,26 @@ class Env:
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
-def _start_serve(env: Env) -> None:
+_RELAUNCH = ("import json, os, sys; os.environ.update(json.loads(sys.argv[1]));"
+             " os.execv('/proc/self/exe', sys.argv[2:])")
+
+
+def _start_serve(env: Env, extra_env: dict[str, str] | None = None) -> None:
     prefix = as_user(env.service, "nogroup")
     assert prefix is not None
     env.log_path = env.base / "serve.log"
     since = env.log_path.stat().st_size if env.log_path.exists() else 0
     with open(env.log_path, "ab") as logf:
+        command = env.install.command("cli", "--config", str(env.config), "serve")
+        if extra_env:
+            # Set after the user switch (setpriv itself must not load libfaketime:
+            # its shared state would be root's, out of the service user's reach),
+            # then exec through /proc/self/exe (the interpreter's own path may lie
+            # in a directory only root may search).
+            command = [command[0], "-c", _RELAUNCH, json.dumps(extra_env), *command]
         env.proc = subprocess.Popen(
-            [*prefix, *env.install.command("cli", "--config", str(env.config), "serve")],
-            stdout=logf, stderr=logf, cwd=env.install.root, env=env.install.env)
+            [*prefix, *command], stdout=logf, stderr=logf, cwd=env.install.root,
+            env=env.install.env)
     deadline = time.monotonic() + 120
     while "mailwarden ready" not in env.log()[since:]:
         if env.proc.poll() is not None or time.monotonic() > deadline:
@@ -281,7 +293,7 @@ def env(other_user_install: PortableInstall) -> Iterator[Env]:
         sock = run / "control.sock"
         config, port = write_config(
             base / "config.toml", store=store, next_hop=next_hop.address,
-            chain=["attachment_types", "header_log"])
+            chain=["attachment_types", "personal", "header_log"])
         with open(config, "a") as f:
             f.write("\n" + to_toml({"access": {
                 "control_socket": str(sock), "socket_mode": "0666",
@@ -295,6 +307,12 @@ def env(other_user_install: PortableInstall) -> Iterator[Env]:
                                           samples.elf())]), "held@ext.test")
         assert held.kind == "held", held.text
         e.qid = held.quarantine_id or ""
+        private = send_exact(port, make_message(
+            subject="[personal] my holiday", body="very private words\n",
+            attachments=[("tool.bin", "application/octet-stream", samples.elf())]),
+            "private@ext.test")
+        assert private.kind == "held", private.text
+        e.personal_qid = private.quarantine_id or ""
         for i in range(60):
             answer = send_exact(port, make_message(subject=f"note {i}"), f"s{i}@ext.test")
             assert answer.kind == "relayed", answer.text
@@ -538,6 +556,80 @@ def test_hostile_clients_do_not_hurt_serve(env: Env, case: str) -> None:
     check = env.run("auditor", "log", "verify")
     assert check.returncode == 0, check.stderr
     assert "Traceback" not in env.log()
+
+
+def faketime(offset: str) -> dict[str, str]:
+    """The environment that runs a process ``offset`` later (libfaketime)."""
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not libs:
+        pytest.fail("libfaketime.so.1 not found (Debian package faketime)", pytrace=False)
+    return {"LD_PRELOAD": str(libs[0]), "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
+
+
+def _one_line(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    label = f"exit {out.returncode}: {out.stderr.strip()}"
+    assert out.returncode == code, label
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mailwarden: "), label
+    for n in needles:
+        assert n in lines[0], label
+
+
+def test_two_person_flow_through_the_daemon(env: Env) -> None:
+    """Real users through the control socket: an investigator requests, cannot
+    approve; a dpo cannot approve their own request; a dpo approves; the
+    investigator reads the personal body; 25 h later (serve restarted under
+    libfaketime) the same read is refused.  Everything in the audit trail
+    under the real users' names."""
+    qid = env.personal_qid
+    inv, dpo = env.users["investigator"], env.users["dpo"]
+    read = ("quarantine", "show", qid, "--body", "--reason", "HR case", "--ground",
+            "offensive-material", "--case", "HR-7")
+    _one_line(env.run("investigator", *read), 1, "refused", "grant")
+
+    def request(who: str, case: str) -> str:
+        out = env.run(who, "access", "request", "--item", qid, "--ground",
+                      "offensive-material", "--case", case, "--reason", "complaint 7")
+        assert out.returncode == 0, out.stderr
+        rid = out.stdout.strip()
+        assert re.fullmatch(r"R\d{8}-[0-9A-F]{8}", rid), rid
+        return rid
+
+    rid = request("investigator", "HR-7")
+    _one_line(env.run("investigator", "access", "approve", rid), 1, "refused", "dpo")
+    own = request("dpo", "HR-9")
+    _one_line(env.run("dpo", "access", "approve", own), 1, "refused", "second person")
+    out = env.run("dpo", "access", "approve", rid)
+    assert out.returncode == 0, out.stderr
+    out = env.run("investigator", *read)
+    assert out.returncode == 0, out.stderr
+    assert "very private words" in out.stdout
+    # another user with the same role has no grant
+    _one_line(env.run("reviewer", *read), 1, "refused")
+
+    # 25 hours later (grant_hours = 24): the daemon's clock moved, the read is refused
+    assert _stop_serve(env) == 0, env.log()
+    try:
+        _start_serve(env, faketime("+25h"))
+        _one_line(env.run("investigator", *read), 1, "refused", "grant")
+    finally:
+        _stop_serve(env)
+        _start_serve(env)
+
+    rows = [(r["user"], r["command"]) for r in env.audit()
+            if r["command"].startswith(("quarantine show", "access approve", "access request"))
+            and (qid in r["targets"] or r["command"].startswith("access"))]
+    assert rows == [
+        (inv, "quarantine show (refused)"),
+        (inv, "access request"),
+        (inv, "access approve (refused)"),
+        (dpo, "access request"),
+        (dpo, "access approve (refused)"),
+        (dpo, "access approve"),
+        (inv, "quarantine show"),
+        (env.users["reviewer"], "quarantine show (refused)"),
+        (inv, "quarantine show (refused)"),
+    ], rows
 
 
 def test_serve_removes_its_socket_on_stop(env: Env) -> None:
