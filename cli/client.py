@@ -128,6 +128,15 @@ def forward(path: str, argv: Sequence[str], *, output: str | None = None) -> int
     sink: _LocalFile | None = None
     if output is not None:
         sink = _LocalFile(output)
+    try:
+        return _forward(path, argv, sink, output)
+    except BaseException:  # Ctrl-C included: no temp file left behind
+        _abort(sink)
+        raise
+
+
+def _forward(path: str, argv: Sequence[str], sink: _LocalFile | None,
+             output: str | None) -> int:
     tty = sink is None and _isatty(sys.stdout)
     width = shutil.get_terminal_size().columns if tty else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

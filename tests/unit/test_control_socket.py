@@ -343,3 +343,29 @@ def test_readme_role_table_is_command_roles() -> None:
     header = [c.strip() for c in text[start:end].splitlines()[1].strip().strip("|").split("|")]
     assert header == ["command", *ROLES]
     assert table == {k: set(v) for k, v in COMMAND_ROLES.items()}
+
+
+# ------------------------------------------------------------------ client
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["log", "export", "--output", "f.csv", "--json"], ["log", "export", "--json"]),
+    (["log", "export", "--output=f.csv"], ["log", "export"]),
+    (["log", "export", "--address", "--output", "--output", "f.csv"],
+     ["log", "export", "--address", "--output"]),
+    (["log", "export", "--", "--output", "f.csv"], ["log", "export", "--", "--output", "f.csv"]),
+])
+def test_the_client_takes_output_off_the_line(args: list[str], expected: list[str]) -> None:
+    from cli.client import without_option
+
+    assert without_option(args, ["--output"], "f.csv") == expected
+
+
+def test_the_client_without_a_daemon(tmp_path: Path) -> None:
+    from cli.client import forward
+
+    target = tmp_path / "out.csv"
+    with pytest.raises(SystemExit) as exc:
+        forward(str(tmp_path / "none.sock"), ["log", "export"], output=str(target))
+    assert exc.value.code == 1
+    assert list(tmp_path.iterdir()) == []
