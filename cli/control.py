@@ -342,17 +342,46 @@ class _TextProxy:
         return getattr(self.fallback, name)
 
 
+class _StdinProxy:
+    """``sys.stdin``: empty for a request (a command never reads the
+    daemon's stdin; a prompt would end at once), the real one otherwise."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    def _empty(self) -> bool:
+        return _output.get() is not None
+
+    def read(self, size: int = -1) -> str:
+        return "" if self._empty() else str(self.fallback.read(size))
+
+    def readline(self, size: int = -1) -> str:
+        return "" if self._empty() else str(self.fallback.readline(size))
+
+    def isatty(self) -> bool:
+        return False if self._empty() else bool(self.fallback.isatty())
+
+    def __iter__(self) -> Any:
+        return iter(()) if self._empty() else iter(self.fallback)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fallback, name)
+
+
 def install_proxies() -> Callable[[], None]:
-    """Route ``sys.stdout``/``sys.stderr`` by request; returns the undo."""
-    old_out, old_err = sys.stdout, sys.stderr
+    """Route ``sys.stdout``/``sys.stderr``/``sys.stdin`` by request; returns the undo."""
+    old_out, old_err, old_in = sys.stdout, sys.stderr, sys.stdin
     new_out, new_err = _TextProxy(old_out, True), _TextProxy(old_err, False)
-    sys.stdout, sys.stderr = new_out, new_err  # type: ignore[assignment]
+    new_in = _StdinProxy(old_in)
+    sys.stdout, sys.stderr, sys.stdin = new_out, new_err, new_in  # type: ignore[assignment]
 
     def undo() -> None:
         if sys.stdout is new_out:
             sys.stdout = old_out
         if sys.stderr is new_err:
             sys.stderr = old_err
+        if sys.stdin is new_in:
+            sys.stdin = old_in
 
     return undo
 

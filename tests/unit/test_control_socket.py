@@ -96,6 +96,12 @@ def toy_root() -> click.Group:
 
         run_with_store(ctx, body)
 
+    @root.command("purge", cls=Command)
+    def purge() -> None:
+        # a prompt in the daemon must not read the daemon's stdin
+        if not click.confirm("really?", default=False):
+            click.echo("not confirmed")
+
     @root.command("erase", cls=Command)
     @click.argument("address")
     def erase(address: str) -> None:
@@ -116,13 +122,14 @@ class FakeStore:
 
 def make_config(tmp: str, path: str) -> Config:
     group = grp.getgrgid(os.getgid()).gr_name
-    # Our own primary group holds "auditor" and "investigator": log export and
-    # quarantine show yes, erase no.
+    # Our own primary group holds "auditor", "investigator" and "operator":
+    # log export, quarantine show and purge yes, erase no.
     return parse_config({
         "gateway": {"internal_domains": ["example.com"]},
         "store": {"path": os.path.join(tmp, "store")}, "filters": {"chain": []},
         "access": {"control_socket": path, "socket_mode": "0600",
-                   "roles": {"auditor": [group], "investigator": [group]}}})
+                   "roles": {"auditor": [group], "investigator": [group],
+                             "operator": [group]}}})
 
 
 def ask(path: str, argv: list[str], *, stop_after: int | None = None
@@ -219,7 +226,7 @@ async def test_refusal_is_audited_and_one_line() -> None:
         assert code == 1 and out == b""
         (line,) = err.decode().splitlines()
         assert re.fullmatch(r"mailwarden: erase: refused: needs role dpo; \S+"
-                            r" \(roles: auditor, investigator\)", line), line
+                            r" \(roles: auditor, investigator, operator\)", line), line
         (row,) = store.rows
         assert row["command"] == "erase (refused)" and row["uid"] == os.getuid()
         assert row["reason"] == line.removeprefix("mailwarden: ")
@@ -324,6 +331,13 @@ async def test_one_user_cannot_crowd_out_the_others() -> None:
                 break
             await asyncio.sleep(0.05)  # poll interval: the held connections' handlers end
         assert code == 0, err
+
+
+async def test_a_prompt_never_reads_the_daemons_stdin() -> None:
+    async with running() as (_, _, path):
+        code, out, err = await asyncio.to_thread(ask, path, ["purge"])
+        # click's prompt meets an empty stdin: it aborts
+        assert (code, out, err) == (1, b"really? [y/N]: ", b"Aborted!\n")
 
 
 # ------------------------------------------------------------ README table
