@@ -87,7 +87,10 @@ MAX_CONNECTIONS = 64
 #: Connections one uid may hold at once (so one user cannot crowd out the others).
 MAX_PER_UID = 8
 #: Commands run at once (worker threads).
-WORKERS = 4
+WORKERS = 8
+#: Commands one uid may have running (or waiting for a worker) at once, so
+#: that one user's stalled clients cannot hold every worker.
+MAX_RUNNING_PER_UID = 4
 #: Buffered stdout is sent once it reaches this size (or on flush after FLUSH_AFTER s).
 FLUSH_BYTES = 16 * 1024
 FLUSH_AFTER = 0.2
@@ -488,12 +491,14 @@ class ControlServer:
     reload: Callable[[], Awaitable[tuple[bool, str]]] | None = None
     workers: int = WORKERS
     max_connections: int = MAX_CONNECTIONS
+    max_running_per_uid: int = MAX_RUNNING_PER_UID
     _server: asyncio.AbstractServer | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False)
     _conns: set[_Connection] = field(default_factory=set, init=False)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     _per_uid: dict[int, int] = field(default_factory=dict, init=False)
+    _running: dict[int, int] = field(default_factory=dict, init=False)
     _undo: Callable[[], None] | None = field(default=None, init=False)
     _path: str = field(default="", init=False)
     _inode: tuple[int, int] | None = field(default=None, init=False)
@@ -609,14 +614,23 @@ class ControlServer:
             if self._pool is None:
                 await self._answer(writer, 1, "mailwarden: the daemon is stopping\n")
                 return
+            if self._running.get(uid, 0) >= self.max_running_per_uid:
+                log.warning("busy: %s has %d commands running", who, self._running[uid])
+                await self._answer(writer, 1, "mailwarden: the daemon is busy with your other"
+                                              " commands; try again\n")
+                return
             conn = _Connection(loop, writer)
             self._conns.add(conn)
+            self._running[uid] = self._running.get(uid, 0) + 1
             try:
                 code = await loop.run_in_executor(
                     self._pool, contextvars.Context().run, self._run, (pid, uid, gid),
                     request, conn, loop)
             finally:
                 self._conns.discard(conn)
+                self._running[uid] -= 1
+                if not self._running[uid]:
+                    del self._running[uid]
             if not conn.gone:
                 await conn.send_async(EXIT, str(code).encode())
         except asyncio.CancelledError:

@@ -164,7 +164,9 @@ async def running() -> AsyncIterator[tuple[ControlServer, FakeStore, str]]:
     config = make_config(tmp, path)
     real = await Store.open(os.path.join(tmp, "store"))
     await real.close()
-    srv = ControlServer(root=toy_root(), config=lambda: config, store=store)  # type: ignore[arg-type]
+    # two workers: more requests than workers wait for one
+    srv = ControlServer(root=toy_root(), config=lambda: config, store=store,  # type: ignore[arg-type]
+                        workers=2)
     srv.tmp = tmp  # type: ignore[attr-defined]
     await srv.start()
     SEEN.clear()
@@ -190,7 +192,7 @@ async def test_socket_mode_and_in_use() -> None:
 
 async def test_concurrent_outputs_do_not_mix() -> None:
     async with running() as (_, _, path):
-        tags = ["A", "B", "C", "D", "E", "F"]
+        tags = ["A", "B", "C", "D"]  # MAX_RUNNING_PER_UID, over two workers
         lines = 20000  # about 1 MB each
 
         results = await asyncio.gather(*(
@@ -338,6 +340,25 @@ async def test_a_prompt_never_reads_the_daemons_stdin() -> None:
         code, out, err = await asyncio.to_thread(ask, path, ["purge"])
         # click's prompt meets an empty stdin: it aborts
         assert (code, out, err) == (1, b"really? [y/N]: ", b"Aborted!\n")
+
+
+async def test_one_user_cannot_hold_every_worker() -> None:
+    async with running() as (srv, _, path):
+        srv.max_running_per_uid = 1
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            stalled.connect(path)
+            # a long export that this client never reads: it holds a worker
+            stalled.sendall(encode_request(["log", "export", "--tag", "S", "--lines",
+                                            "5000000"], tty=False, width=None))
+            for _ in range(600):
+                if srv._running:
+                    break
+                await asyncio.sleep(0.05)  # poll interval: the stalled command started
+            code, _, err = await asyncio.to_thread(ask, path, ["log", "export", "--tag", "T"])
+            assert code == 1 and b"busy with your other commands" in err
+        finally:
+            stalled.close()
 
 
 # ------------------------------------------------------------ README table
