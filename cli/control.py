@@ -632,7 +632,10 @@ class ControlServer:
                 if not self._running[uid]:
                     del self._running[uid]
             if not conn.gone:
-                await conn.send_async(EXIT, str(code).encode())
+                try:
+                    await conn.send_async(EXIT, str(code).encode())
+                except (ConnectionError, OSError, TimeoutError):
+                    log.info("%s went away before the exit status (%d)", who, code)
         except asyncio.CancelledError:
             raise
         except Exception:
