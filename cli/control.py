@@ -499,6 +499,8 @@ class ControlServer:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     _per_uid: dict[int, int] = field(default_factory=dict, init=False)
     _running: dict[int, int] = field(default_factory=dict, init=False)
+    #: connections handled to the end (answered, refused or dropped)
+    served: int = field(default=0, init=False)
     _undo: Callable[[], None] | None = field(default=None, init=False)
     _path: str = field(default="", init=False)
     _inode: tuple[int, int] | None = field(default=None, init=False)
@@ -641,6 +643,7 @@ class ControlServer:
         except Exception:
             log.exception("request from %s failed", who)
         finally:
+            self.served += 1
             if counted is not None:
                 self._per_uid[counted] -= 1
                 if not self._per_uid[counted]:

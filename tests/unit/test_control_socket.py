@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import logging
 import os
 import re
 import shutil
@@ -359,6 +360,26 @@ async def test_one_user_cannot_hold_every_worker() -> None:
             assert code == 1 and b"busy with your other commands" in err
         finally:
             stalled.close()
+
+
+async def test_clients_that_leave_at_once_are_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    def hit_and_run(n: int) -> None:
+        for i in range(n):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+                s.sendall(encode_request(["log", "export", "--tag", "H", "--lines", str(i)],
+                                         tty=False, width=None))
+
+    async with running() as (srv, _, path):
+        await asyncio.to_thread(hit_and_run, 40)
+        for _ in range(600):
+            if srv.served >= 40:
+                break
+            await asyncio.sleep(0.05)  # poll interval: their handlers end (some were busy)
+        code, _, _ = await asyncio.to_thread(ask, path, ["log", "export", "--tag", "Z"])
+        assert code == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 # ------------------------------------------------------------ README table
