@@ -652,3 +652,77 @@ def test_serve_removes_its_socket_on_stop(env: Env) -> None:
     out = env.run("reviewer", "quarantine", "list")
     assert out.returncode == 0, out.stderr
 
+
+
+# ------------------------------------------------------- PostgreSQL backend
+
+
+@pytest.fixture(scope="module")
+def pg_env(other_user_install: PortableInstall, pg_server: Any) -> Iterator[Env]:
+    """The same daemon on the PostgreSQL backend (serve as root: the store is
+    the database, not files); users with the reviewer and dpo roles and one
+    with none."""
+    accounts = Accounts()
+    next_hop = NextHop()
+    base = Path(tempfile.mkdtemp(prefix="mw-access-pg-"))
+    e: Env | None = None
+    try:
+        os.chmod(base, 0o755)
+        roles = ("reviewer", "dpo")
+        groups = {role: accounts.group(role[:3]) for role in roles}
+        users = {role: accounts.user(role[:3], [groups[role]]) for role in roles}
+        users["none"] = accounts.user("non")
+        run = base / "run"
+        run.mkdir(mode=0o755)
+        sock = run / "control.sock"
+        config, port = write_config(
+            base / "config.toml", store=base / "store", next_hop=next_hop.address,
+            chain=["attachment_types", "header_log"],
+            store_extra={"backend": "postgresql", "dsn": pg_server.new_database(),
+                         "instance": "sock"})
+        with open(config, "a") as f:
+            f.write("\n" + to_toml({"access": {
+                "control_socket": str(sock), "roles": {r: [groups[r]] for r in roles}}}))
+        os.chmod(config, 0o644)
+        e = Env(base=base, config=config, store=base / "store", socket=sock, port=port,
+                service="root", users=users, install=other_user_install, next_hop=next_hop)
+        _start_serve(e)
+        held = send_exact(port, make_message(
+            subject="tool", attachments=[("tool.bin", "application/octet-stream",
+                                          samples.elf())]), "held@ext.test")
+        assert held.kind == "held", held.text
+        e.qid = held.quarantine_id or ""
+        yield e
+    finally:
+        if e is not None:
+            _stop_serve(e)
+        next_hop.stop()
+        accounts.remove()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_postgres_backend_through_the_daemon(pg_env: Env) -> None:
+    env = pg_env
+    reviewer = pwd.getpwnam(env.users["reviewer"])
+    none = pwd.getpwnam(env.users["none"])
+    # concurrent commands, each with its own PostgreSQL connection in the daemon
+    jobs = [("reviewer", ("quarantine", "list", "--json"))] * 4 + \
+        [("dpo", ("audit", "list", "--json"))] * 4 + [("none", ("quarantine", "list"))]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda j: env.run(j[0], *j[1]), jobs))
+    for (who, _), out in zip(jobs, results, strict=True):
+        if who == "none":
+            _one_line(out, 1, "quarantine list: refused: needs role dpo or reviewer",
+                      none.pw_name)
+        else:
+            assert out.returncode == 0, out.stderr
+            rows = [json.loads(line) for line in out.stdout.splitlines()]
+            if who == "reviewer":
+                assert [r["id"] for r in rows] == [env.qid]
+    rows = env.audit()
+    listed = [r for r in rows if r["command"] == "quarantine list"]
+    assert len(listed) == 4 and {(r["user"], r["uid"]) for r in listed} == \
+        {(reviewer.pw_name, reviewer.pw_uid)}
+    refused = [r for r in rows if r["command"] == "quarantine list (refused)"]
+    assert [(r["user"], r["uid"]) for r in refused] == [(none.pw_name, none.pw_uid)]
+    assert env.alive(), env.log()
