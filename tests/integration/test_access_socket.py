@@ -20,7 +20,13 @@ tests/support/otheruser.py) and shows:
   them directly (a config without ``[access]``);
 * no daemon: one line, exit 1;
 * hostile clients (garbage, a huge length, a partial request, a
-  disconnect in the middle of a stream) do not hurt ``serve``.
+  disconnect in the middle of a stream) do not hurt ``serve``;
+* ``mailwarden reload`` by an operator reloads the daemon, audited;
+* the two-person flow (issue 17's "must show") with real users through the
+  daemon, the grant's expiry shown by restarting serve under libfaketime;
+* the socket goes when serve stops; a stale one is replaced at start;
+* the same daemon on the PostgreSQL backend (concurrent commands, each with
+  its own connection; refusal and peer in the audit rows).
 """
 
 from __future__ import annotations
