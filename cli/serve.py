@@ -94,6 +94,7 @@ async def _serve(store: Store, config: Config) -> int:
             if metrics_server is not None:
                 metrics_server.close()
             return 1
+
     def on_hup() -> None:
         t = loop.create_task(reload())
         tasks.add(t)
@@ -162,8 +163,9 @@ def reload_cmd(ctx: click.Context) -> None:
         fail("reload talks to a running mailwarden serve through its control socket"
              " ([access]); without it send SIGHUP (systemctl reload mailwarden)", 2)
     ok, message = hook()
-    click.echo(message, err=not ok)
-    sys.exit(0 if ok else 1)
+    if not ok:
+        fail(message, 1)
+    click.echo(message)
 
 
 @click.command(cls=Command)
