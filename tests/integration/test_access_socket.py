@@ -421,6 +421,20 @@ def test_reload_through_the_socket(env: Env) -> None:
             and r["detail"].get("outcome") == "reloaded"]
     assert rows and rows[-1]["user"] == operator.pw_name
     assert rows[-1]["uid"] == operator.pw_uid
+    # the daemon's config file broken: refused, one line, the running config
+    # kept (the client reads a good copy: it would refuse a broken one itself)
+    good = env.config.read_text()
+    copy = env.base / "client-copy.toml"
+    copy.write_text(good)
+    os.chmod(copy, 0o644)
+    try:
+        env.config.write_text(good.replace("[gateway]", "[gateway]\nbogus_key = 1", 1))
+        out = env.run("operator", "reload", config=copy)
+        _one_line(out, 1, "reload refused, keeping the running config", "bogus_key")
+    finally:
+        env.config.write_text(good)
+    out = env.run("reviewer", "quarantine", "list")
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_store_is_out_of_reach_without_the_daemon(env: Env) -> None:
