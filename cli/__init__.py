@@ -4,7 +4,8 @@ explicitly below.
 Where each command lives:
 
 * cli/serve.py: ``serve``, ``check`` (the only commands that build the filter
-  chain, and so the only ones that import the filters and their scanners);
+  chain, and so the only ones that import the filters and their scanners),
+  ``reload`` (asks the running daemon through the control socket);
 * cli/quarantine.py: ``quarantine list|show|release|delete|hold|unhold``;
 * cli/log.py: ``log export|verify|stats``;
 * cli/audit.py: ``audit list``;
@@ -12,6 +13,9 @@ Where each command lives:
 * cli/access.py: ``access request|approve|deny|list`` (two-person approval)
   and the ``--ground``/``--case`` options;
 * cli/store.py: ``store keygen``;
+* cli/client.py and cli/control.py: the control socket (``[access]``): the
+  client that forwards a command to ``serve``, and the server ``serve``
+  runs, which checks the caller's role and runs the command in-process;
 * cli/common.py: what they share (``--config``, :func:`~cli.common.fail`,
   one-line usage errors, the store runner, logging).
 
@@ -31,7 +35,21 @@ from cli.common import Group, config_option
 __all__ = ["main"]
 
 
-@click.group(cls=Group,
+class RootGroup(Group):
+    """The ``mailwarden`` group: with ``[access]`` in the config, a command on
+    kept data is sent to the running daemon's control socket instead of
+    being run here (cli/client.py); in the daemon (a control request) and
+    without ``[access]`` it runs in this process."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        if not ctx.ensure_object(dict).get("control_request"):
+            from cli.client import maybe_forward
+
+            maybe_forward(self, ctx)
+        return super().invoke(ctx)
+
+
+@click.group(cls=RootGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @config_option
 @click.version_option(package_name="mailwarden")
@@ -51,6 +69,7 @@ def main(ctx: click.Context) -> None:
 
 main.add_command(serve.serve)
 main.add_command(serve.check)
+main.add_command(serve.reload_cmd)
 main.add_command(quarantine.quarantine)
 main.add_command(log.log_group)
 main.add_command(audit.audit)

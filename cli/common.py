@@ -194,6 +194,8 @@ def run_with_store(ctx: click.Context, body: StoreBody, *, serving: bool = False
     everything else ``serve`` says.
 
     Errors end the command with one line on stderr, never a traceback: a
+    :class:`~quarantine.access.Denied` (a grant or finer rule missing:
+    audited where it was decided, ``quarantine.grants.refuse``; exit 1); a
     :class:`~quarantine.review.Refusal` with its own status (2: the command
     line lacks something; 1: the store or item does not allow it); a store
     that is missing, unreadable or broken exits 1: the backend raises
@@ -287,8 +289,15 @@ def console() -> Any:
     """A rich console for tables: no markup, so message text cannot style itself."""
     from rich.console import Console
 
+    from quarantine.access import current
+
     tty = sys.stdout.isatty()
-    return Console(markup=False, highlight=False, emoji=False, width=None if tty else 250)
+    width = None if tty else 250
+    caller = current()
+    if caller.enforced and tty:
+        # Through the control socket: the client's terminal, not the daemon's.
+        width = caller.width or 80
+    return Console(markup=False, highlight=False, emoji=False, width=width)
 
 
 def short(text: str | None, width: int) -> str:

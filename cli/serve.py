@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.common import Command, config_option, get_config, run_with_store, setup_logging
+from cli.common import Command, config_option, fail, get_config, run_with_store, setup_logging
 from gateway.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -68,15 +68,34 @@ async def _serve(store: Store, config: Config) -> int:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[Any]] = set()
 
-    def on_hup() -> None:
-        async def reload() -> None:
-            try:
-                new = load_config(config.path)
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running config: %s", exc)
-                return
-            await gateway.reload(new)
+    async def reload() -> tuple[bool, str]:
+        """SIGHUP and `mailwarden reload`: the config file again, or the old one kept."""
+        try:
+            new = load_config(config.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False, f"reload refused, keeping the running config: {exc}"
+        await gateway.reload(new)
+        return True, f"configuration reloaded from {config.path}"
 
+    control = None
+    if config.access.enabled:
+        from cli import main as root
+        from cli.control import ControlServer
+
+        control = ControlServer(root=root, config=lambda: gateway.config, store=store,
+                                reload=reload)
+        try:
+            await control.start()
+        except OSError as exc:
+            log.error("cannot listen on the control socket %s: %s", config.access.control_socket,
+                      exc.strerror or exc)
+            await gateway.stop()
+            if metrics_server is not None:
+                metrics_server.close()
+            return 1
+
+    def on_hup() -> None:
         t = loop.create_task(reload())
         tasks.add(t)
         t.add_done_callback(tasks.discard)
@@ -91,6 +110,8 @@ async def _serve(store: Store, config: Config) -> int:
     _sd_notify("STOPPING=1")
     log.info("stopping: draining sessions in flight")
     purge_task.cancel()
+    if control is not None:
+        await control.stop()
     await gateway.stop()
     if metrics_server is not None:
         metrics_server.close()
@@ -125,6 +146,26 @@ def _sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError:
         pass
+
+
+@click.command("reload", cls=Command)
+@config_option
+@click.pass_context
+def reload_cmd(ctx: click.Context) -> None:
+    """Make the running daemon re-read its config file (as SIGHUP does).
+
+    Works through the control socket (``[access]``; role operator); an
+    invalid config is refused (exit 1, the running one kept).  Without
+    ``[access]``: ``systemctl reload mailwarden`` (SIGHUP).
+    """
+    hook = ctx.ensure_object(dict).get("reload")
+    if hook is None:
+        fail("reload talks to a running mailwarden serve through its control socket"
+             " ([access]); without it send SIGHUP (systemctl reload mailwarden)", 2)
+    ok, message = hook()
+    if not ok:
+        fail(message, 1)
+    click.echo(message)
 
 
 @click.command(cls=Command)
