@@ -653,6 +653,53 @@ def test_two_person_flow_through_the_daemon(env: Env) -> None:
     ], rows
 
 
+def test_pseudonymised_export_and_reidentify_through_the_daemon(env: Env) -> None:
+    """Real users through the control socket: the auditor's export holds no
+    real address (bytes scanned), one pseudonym per person within an export and
+    another across exports; re-identification is refused without a grant and
+    gives the address with an approved one."""
+    _wait_log_records(env, env.relayed)
+    senders = [f"s{i}@ext.test" for i in range(env.relayed)]
+
+    def export(who: str) -> tuple[bytes, str]:
+        out = env.run(who, "log", "export", "--format", "jsonl")
+        assert out.returncode == 0, out.stderr
+        m = re.search(r"\b(E\d{8}-[0-9A-F]{10})\b", out.stderr)
+        assert m, out.stderr
+        return out.stdout.encode(), m.group(1)
+
+    data, eid = export("auditor")
+    text = data.decode().lower()
+    for addr in [*senders, "b@example.com", "held@ext.test", "private@ext.test"]:
+        assert addr not in text, addr
+    objs = [json.loads(line) for line in data.decode().splitlines()]
+    note1 = next(o for o in objs if o["subject"] == "note 1")
+    pseudo = note1["mail_from"]
+    assert re.fullmatch(r"pn-[0-9a-f]{20}", pseudo), pseudo
+    rcpts = {r for o in objs for r in o["rcpt_tos"]}
+    assert len(rcpts) == 1, rcpts  # b@example.com, the same pseudonym in every record
+    data2, eid2 = export("auditor")
+    assert eid2 != eid and pseudo.encode() not in data2 and rcpts.pop().encode() not in data2
+
+    args = ("log", "reidentify", eid, pseudo, "--ground", "excessive-personal",
+            "--case", "HR-11")
+    _one_line(env.run("auditor", *args), 1, "refused", "grant")
+    _one_line(env.run("investigator", *args), 1, "refused", "grant")
+    out = env.run("investigator", "access", "request", "--address", "s1@ext.test", "--ground",
+                  "excessive-personal", "--case", "HR-11", "--reason", "complaint 11")
+    assert out.returncode == 0, out.stderr
+    rid = out.stdout.strip()
+    assert env.run("dpo", "access", "approve", rid).returncode == 0
+    out = env.run("investigator", *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "s1@ext.test\n"
+    rows = [(r["user"], r["command"]) for r in env.audit()
+            if r["command"].startswith("log reidentify") and eid in r["targets"]]
+    assert rows == [(env.users["auditor"], "log reidentify (refused)"),
+                    (env.users["investigator"], "log reidentify (refused)"),
+                    (env.users["investigator"], "log reidentify")], rows
+
+
 def test_serve_removes_its_socket_on_stop(env: Env) -> None:
     """Last in this module: stop serve (SIGTERM), the socket goes; a restart
     replaces nothing it should not (a stale socket is replaced)."""
