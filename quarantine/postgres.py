@@ -42,16 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +71,7 @@ from quarantine.store import (
     addresses_of,
     canonical,
     chain_hash,
+    driver_errors,
     iso,
     new_quarantine_id,
     os_user,
@@ -324,43 +323,9 @@ def _as_store_error(store: PostgresStore, exc: psycopg.Error) -> StoreError:
     return StoreError(f"store postgresql {store.where}: {str(exc).strip() or type(exc).__name__}")
 
 
-def _wrap_coroutine(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(fn)
-    async def method(self: PostgresStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            raise _as_store_error(self, exc) from exc
-
-    method.maps_driver_errors = True  # type: ignore[attr-defined]
-    return method
-
-
-def _wrap_generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    @functools.wraps(fn)
-    async def method(self: PostgresStore, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        try:
-            async with contextlib.aclosing(fn(self, *args, **kwargs)) as items:
-                async for item in items:
-                    yield item
-        except psycopg.Error as exc:
-            raise _as_store_error(self, exc) from exc
-
-    method.maps_driver_errors = True  # type: ignore[attr-defined]
-    return method
-
-
-def _driver_errors(cls: type[PostgresStore]) -> type[PostgresStore]:
-    """Every public coroutine and async generator raises :class:`StoreError`
-    for a psycopg error (pool timeouts included), never the driver's own."""
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or name in _OWN_ERRORS:
-            continue
-        if inspect.isasyncgenfunction(fn):
-            setattr(cls, name, _wrap_generator(fn))
-        elif inspect.iscoroutinefunction(fn):
-            setattr(cls, name, _wrap_coroutine(fn))
-    return cls
+#: Every public coroutine and async generator raises :class:`StoreError` for a
+#: psycopg error (pool timeouts included), never the driver's own.
+_driver_errors = driver_errors(psycopg.Error, _as_store_error, _OWN_ERRORS)
 
 
 async def _connect_error(dsn: str, kwargs: Mapping[str, Any]) -> str | None:

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +49,7 @@ from quarantine.store import (
     addresses_of,
     canonical,
     chain_hash,
+    driver_errors,
     iso,
     new_quarantine_id,
     os_user,
@@ -244,52 +243,12 @@ def _as_store_error(root: Path, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"store {root}: {exc}")
 
 
-def _wrap_coroutine(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(fn)
-    async def method(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise _as_store_error(self.root, exc) from exc
-
-    method.maps_driver_errors = True  # type: ignore[attr-defined]
-    return method
-
-
-def _wrap_generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    @functools.wraps(fn)
-    async def method(self: SQLiteStore, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        try:
-            async with contextlib.aclosing(fn(self, *args, **kwargs)) as items:
-                async for item in items:
-                    yield item
-        except sqlite3.Error as exc:
-            raise _as_store_error(self.root, exc) from exc
-
-    method.maps_driver_errors = True  # type: ignore[attr-defined]
-    return method
-
-
-def _driver_errors(cls: type[SQLiteStore]) -> type[SQLiteStore]:
-    """Every public coroutine (and async generator) of the backend raises
-    :class:`StoreError` for a driver error (``sqlite3.Error``, which is also
-    ``aiosqlite.Error``), never the driver's own exception: callers (the CLI,
-    retention, review, metrics) handle the protocol's errors only.
-    :class:`NotFound` and :class:`OnHold` pass through unchanged.
-
-    The cost is one extra coroutine frame per call (about a microsecond, next
-    to a round trip to SQLite's thread); the message path's ``quarantine`` is
-    not wrapped (see :data:`_OWN_ERRORS`), and the log writer pays it once per
-    batch, not per message.
-    """
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or name in _OWN_ERRORS:
-            continue
-        if inspect.isasyncgenfunction(fn):
-            setattr(cls, name, _wrap_generator(fn))
-        elif inspect.iscoroutinefunction(fn):
-            setattr(cls, name, _wrap_coroutine(fn))
-    return cls
+#: Every public coroutine (and async generator) raises :class:`StoreError` for a
+#: driver error (``sqlite3.Error``, which is also ``aiosqlite.Error``); the
+#: message path's ``quarantine`` is not wrapped (see :data:`_OWN_ERRORS`), and
+#: the log writer pays the wrapper once per batch, not per message.
+_driver_errors = driver_errors(sqlite3.Error, lambda self, exc: _as_store_error(self.root, exc),
+                               _OWN_ERRORS)
 
 
 @_driver_errors
