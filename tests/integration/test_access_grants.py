@@ -50,20 +50,13 @@ from filters.header_log import address_digest
 from quarantine import store as store_mod
 from quarantine.access import Caller, reset_current, set_current
 from quarantine.store import DB_NAME, addresses_of, iso
+from tests.support.clock import Clock
 from tests.support.process import REPO
 
 CLI = [sys.executable, "-m", "cli"]
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 GROUNDS = ("absence", "offensive-material", "excessive-personal", "detrimental", "legal-duty",
            "subject-access", "false-positive")
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def record(n: int, when: datetime, mail_from: str, rcpts: list[str], from_: str, to: str,

@@ -28,17 +28,10 @@ from quarantine import sqlite as sqlite_mod
 from quarantine.access import Caller, Denied
 from quarantine.grants import Purpose
 from quarantine.store import Store, iso
+from tests.support.clock import Clock
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 KEY = bytes(range(32))
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

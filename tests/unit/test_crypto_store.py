@@ -28,16 +28,9 @@ from gateway.config import parse_config
 from quarantine import crypto, files, retention, review
 from quarantine.crypto import KeyDestroyed, write_kek
 from quarantine.store import Store, StoreError, open_store
+from tests.support.clock import Clock
 
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

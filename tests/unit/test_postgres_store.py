@@ -42,6 +42,7 @@ from quarantine import postgres as backend
 from quarantine.log import verify, verify_audit
 from quarantine.postgres import OUTBOX_NAME, PostgresStore
 from quarantine.store import StoreError, erased_record, iso
+from tests.support.clock import Clock
 from tests.support.postgres import PgServer
 
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
@@ -560,14 +561,6 @@ async def test_outbox_ships_after_reopen_and_exactly_once(
 
 
 # ------------------------------------------- review and retention on PostgreSQL
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def config(tmp_path: Path, dsn: str, **store: Any) -> Any:

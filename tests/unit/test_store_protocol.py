@@ -26,18 +26,11 @@ import pytest
 
 from quarantine.log import LogQuery, verify, verify_audit
 from quarantine.store import GENESIS, NotFound, OnHold, StoreProtocol, erased_record, iso
+from tests.support.clock import Clock
 
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 
 Opener = Callable[[], Awaitable[StoreProtocol]]
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
