@@ -30,7 +30,9 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -291,6 +293,30 @@ def _driver_errors(cls: type[SQLiteStore]) -> type[SQLiteStore]:
     return cls
 
 
+#: the most held messages one group commit carries
+HOLD_BATCH = 128
+
+
+@dataclass(slots=True)
+class _Hold:
+    """A held message waiting for its group commit."""
+
+    qid: str
+    relative: str
+    day: str
+    row: tuple[Any, ...]
+    addresses: list[tuple[str, str]]
+    done: asyncio.Future[str]
+
+
+def _remove_files(root: Path, relatives: Sequence[str]) -> None:
+    for relative in relatives:
+        try:
+            files.secure_delete(root, relative)
+        except OSError:
+            log.error("could not remove orphaned quarantine file %s", relative)
+
+
 @_driver_errors
 class SQLiteStore:
     """The SQLite backend of :class:`quarantine.store.StoreProtocol`.
@@ -319,6 +345,11 @@ class SQLiteStore:
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.log_failures = 0
+        #: held messages whose file is written, waiting for the group commit
+        self._holds: list[_Hold] = []
+        self._committer: asyncio.Task[None] | None = None
+        #: the message directory the last file went to (known to exist)
+        self._last_dir = ""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -389,6 +420,8 @@ class SQLiteStore:
 
     async def close(self) -> None:
         try:
+            if self._committer is not None:
+                await asyncio.shield(self._committer)
             await self.stop_log_writer()
             await self.db.close()
         finally:
@@ -439,10 +472,17 @@ class SQLiteStore:
         The file is fsynced and renamed and the row committed before this
         returns; any failure raises :class:`StoreError` (the caller answers
         451) and leaves no half-kept item behind.
+
+        Group commit: the file is written (and fsynced) at once, then the
+        row joins the next batch of :meth:`_commit_holds`, which fsyncs the
+        batch's directories once and commits all its rows in one transaction
+        (one WAL fsync).  This returns only after its batch committed; a
+        batch that fails fails every message of it (their files removed).
         """
         now = self.clock()
         qid = new_quarantine_id(now)
-        relative = f"{MESSAGES_DIR}/{now:%Y/%m/%d}/{qid}.eml"
+        day = f"{MESSAGES_DIR}/{now:%Y/%m/%d}"
+        relative = f"{day}/{qid}.eml"
         sha = hashlib.sha256(raw).hexdigest()
         loop = asyncio.get_running_loop()
         data = raw
@@ -456,61 +496,99 @@ class SQLiteStore:
             except (OSError, aiosqlite.Error) as exc:
                 raise StoreError(f"cannot seal quarantine file: {exc}") from None
         try:
-            await loop.run_in_executor(None, files.write_durable, self.root, relative, data)
+            await loop.run_in_executor(
+                None, partial(files.write_durable, self.root, relative, data, sync_dir=False,
+                              ensure=day != self._last_dir))
         except OSError as exc:
             raise StoreError(f"cannot write quarantine file: {exc}") from None
+        self._last_dir = day
         addrs = addresses_of(
             [mail_from, *rcpt_tos, headers.get("from"), headers.get("to"), headers.get("cc")]
         )
-        try:
-            async with self._lock:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    await self.db.execute(
-                        "INSERT INTO quarantine (id, received, queue_id, direction, client_addr,"
-                        " helo, mail_from, rcpt_tos, hdr_from, hdr_to, subject, message_id,"
-                        " hdr_date, size, reason, detail, personal, hold, state, path, sha256,"
-                        " verdicts, updated) VALUES"
-                        " (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,'held',?,?,?,?)",
-                        (
-                            qid,
-                            iso(received),
-                            queue_id,
-                            direction,
-                            client_addr,
-                            helo,
-                            mail_from,
-                            json.dumps(list(rcpt_tos)),
-                            headers.get("from"),
-                            headers.get("to"),
-                            headers.get("subject"),
-                            headers.get("message-id"),
-                            headers.get("date"),
-                            len(raw),
-                            reason,
-                            detail,
-                            int(personal),
-                            relative,
-                            sha,
-                            json.dumps(list(verdicts), default=str),
-                            iso(now),
-                        ),
-                    )
-                    await self.db.executemany(
-                        "INSERT INTO quarantine_address (id, address) VALUES (?, ?)",
-                        [(qid, a) for a in sorted(addrs)],
-                    )
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    await self.db.execute("ROLLBACK")
-                    raise
-        except (aiosqlite.Error, OSError) as exc:
+        row = (
+            qid,
+            iso(received),
+            queue_id,
+            direction,
+            client_addr,
+            helo,
+            mail_from,
+            json.dumps(list(rcpt_tos)),
+            headers.get("from"),
+            headers.get("to"),
+            headers.get("subject"),
+            headers.get("message-id"),
+            headers.get("date"),
+            len(raw),
+            reason,
+            detail,
+            int(personal),
+            relative,
+            sha,
+            json.dumps(list(verdicts), default=str),
+            iso(now),
+        )
+        hold = _Hold(qid, relative, day, row, [(qid, a) for a in sorted(addrs)],
+                     loop.create_future())
+        self._holds.append(hold)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_holds(), name="quarantine-commit")
+        # Shielded: a caller that goes away leaves its message to the batch.
+        return await asyncio.shield(hold.done)
+
+    async def _commit_holds(self) -> None:
+        """Commit the waiting holds, a batch at a time, until none wait.
+
+        Messages that arrive while a batch commits form the next batch, so
+        under load each commit carries every session that got its file
+        written meanwhile (no added wait at low load)."""
+        loop = asyncio.get_running_loop()
+        while self._holds:
+            batch, self._holds = self._holds[:HOLD_BATCH], self._holds[HOLD_BATCH:]
             try:
-                await loop.run_in_executor(None, files.secure_delete, self.root, relative)
-            except OSError:
-                log.error("could not remove orphaned quarantine file %s", relative)
-            raise StoreError(f"cannot record quarantine item: {exc}") from None
-        return qid
+                await loop.run_in_executor(
+                    None, files.sync_dirs, self.root, [h.day for h in batch])
+                async with self._lock:
+                    await self.db.execute("BEGIN IMMEDIATE")
+                    try:
+                        await self.db.executemany(
+                            "INSERT INTO quarantine (id, received, queue_id, direction,"
+                            " client_addr, helo, mail_from, rcpt_tos, hdr_from, hdr_to, subject,"
+                            " message_id, hdr_date, size, reason, detail, personal, hold, state,"
+                            " path, sha256, verdicts, updated) VALUES"
+                            " (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,'held',?,?,?,?)",
+                            [h.row for h in batch],
+                        )
+                        await self.db.executemany(
+                            "INSERT INTO quarantine_address (id, address) VALUES (?, ?)",
+                            [a for h in batch for a in h.addresses],
+                        )
+                        await self.db.execute("COMMIT")
+                    except BaseException:
+                        await self.db.execute("ROLLBACK")
+                        raise
+            except BaseException as exc:
+                # Nothing of the batch is kept: no row, no file, no 250.
+                error = StoreError(f"cannot record quarantine item: {exc}")
+                try:
+                    await loop.run_in_executor(
+                        None, _remove_files, self.root, [h.relative for h in batch])
+                finally:
+                    for h in batch:
+                        if not h.done.done():
+                            h.done.set_exception(error)
+                if not isinstance(exc, Exception):
+                    for h in self._holds:  # cancelled or exiting: nobody commits these
+                        if not h.done.done():
+                            h.done.set_exception(error)
+                    await loop.run_in_executor(
+                        None, _remove_files, self.root, [h.relative for h in self._holds])
+                    self._holds = []
+                    raise
+                continue
+            for h in batch:
+                if not h.done.done():
+                    h.done.set_result(h.qid)
 
     # --------------------------------------------------------------- the log
 
