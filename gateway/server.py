@@ -28,6 +28,8 @@ import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 import aiosmtpd
@@ -46,6 +48,14 @@ log = logging.getLogger("mailwarden.server")
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 READ_CHUNK = 1 << 20
 END_OF_DATA = b"\r\n.\r\n"
+
+
+#: A MAIL/RCPT path the fast way: ``<local@domain>``, both dot-atoms of
+#: RFC 5322 atext, then nothing or blanks and the parameters (anything else,
+#: comments included: the header parser).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>(?:\Z|[ \t]+([^ \t(\r\n].*)\Z)", re.S)
 
 
 def new_queue_id() -> str:
@@ -277,6 +287,34 @@ class GatewaySMTP(SMTP):
                     self.transport.close()
             return
         await super()._handle_client()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's ``SMTP._getaddr`` (MAIL and RCPT addresses) without the
+        ``typing.Protocol`` class it defines on every call (~40 us each);
+        aiosmtpd's own for a release this was not checked against."""
+        if aiosmtpd.__version__ not in FAST_INIT_VERSIONS:
+            return super()._getaddr(arg)
+        if not arg:
+            return "", ""
+        simple = _SIMPLE_PATH.match(arg)
+        if simple is not None:
+            # <dot-atom@dot-atom>: what the header parser returns, ~20x faster
+            addr, rest = simple.group(1), simple.group(2) or ""
+            if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+                return None, None
+            return addr, rest
+        try:
+            if arg.lstrip().startswith("<"):
+                address, rest = get_angle_addr(arg)
+            else:
+                address, rest = get_addr_spec(arg)
+        except HeaderParseError:
+            return None, None
+        addr = address.addr_spec
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     def _timeout_cb(self) -> None:
         # An idle session is told why before it is closed.
