@@ -150,10 +150,31 @@ async def test_a_failed_directory_sync_fails_the_batch(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(files, "sync_dirs", broken)
-    results = await asyncio.gather(*(put(store, i) for i in range(5)), return_exceptions=True)
+    store._writing += 1  # as if another hold were being written: none is alone
+    try:
+        results = await asyncio.gather(*(put(store, i) for i in range(5)),
+                                       return_exceptions=True)
+    finally:
+        store._writing -= 1
     assert all(isinstance(r, StoreError) for r in results), results
     assert (await store.list_quarantine())[0] == []
     assert eml_files(store) == set()
+
+
+async def test_a_lone_hold_syncs_its_directory_with_its_file(
+        store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One session: no batch to wait for, the directory's fsync in the same
+    worker job as the file's (write_durable's default)."""
+    from quarantine import files
+
+    calls: list[Any] = []
+    real_write = files.write_durable
+    monkeypatch.setattr(files, "sync_dirs", lambda root, rel: calls.append(("sync_dirs", rel)))
+    monkeypatch.setattr(files, "write_durable", lambda *a, **kw: (
+        calls.append(("write", kw["sync_dir"])), real_write(*a, **kw))[1])
+    qid = await put(store, 1)
+    assert calls == [("write", True)]
+    assert await store.get_item(qid) is not None
 
 
 async def test_sealed_bodies_through_the_group_commit(tmp_path: Path) -> None:
