@@ -234,12 +234,16 @@ def decode_header_value(value: str | None) -> str | None:
     """Decode RFC 2047 encoded words; never raises (bad input is kept as-is)."""
     if value is None:
         return None
-    try:
-        text = str(email.header.make_header(email.header.decode_header(str(value))))
-    except Exception:
-        text = str(value)
+    text = str(value)
+    if "=?" in text:  # without an encoded word the email package returns it as is
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except Exception:
+            pass
     # Unfold and drop control characters that would corrupt one-line logs.
     text = " ".join(text.split())
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
 
 
