@@ -65,6 +65,9 @@ BEFORE = "mw-full@before"
 
 ALL_TARGETS = ("sink", "bare", "bare+uv", "bare+scan", "bare+scan+uv",
                "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv")
+#: Several serve processes on one port (bench/multi_serve.py; an experiment,
+#: only when named in --targets): "*N" = N processes.
+MULTI_TARGETS = ("mw-empty*2", "mw-full*2")
 #: Added by --peers (bench/peers.py).
 PEER_TARGETS = ("amavis", "clamsmtp")
 
@@ -74,6 +77,7 @@ BASELINE = {
     "mw-full": "bare+scan", "mw-full+uv": "bare+scan+uv",
     "bare+scan": "bare", "bare+scan+uv": "bare+uv",
     BEFORE: "bare+scan",
+    "mw-empty*2": "bare", "mw-full*2": "bare+scan",
 }
 
 #: Messages per cell: (1 session, more sessions).  --messages overrides.
@@ -342,7 +346,8 @@ class Target:
             code = env.before_src if self.name == BEFORE else env.src
             assert code is not None
             entry = ([str(BENCH / "uvloop_serve.py")] if uv
-                     else ["-c", console_main(code)])
+                     else [str(BENCH / "multi_serve.py"), "--workers", self.name.split("*")[1]]
+                     if "*" in self.name else ["-c", console_main(code)])
             argv = [py, *entry, "serve", "--config", str(conf)]
         code = env.before_src if self.name == BEFORE else env.src
         assert code is not None
@@ -912,8 +917,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rows = [*args.sessions, *(f"{s} reuse" for s in args.reuse)]
     args.targets = [t for t in args.targets.split(",") if t]
     for t in args.targets:
-        if t not in ALL_TARGETS + PEER_TARGETS:
-            p.error(f"unknown target {t!r} (known: {', '.join(ALL_TARGETS + PEER_TARGETS)})")
+        if t not in ALL_TARGETS + PEER_TARGETS + MULTI_TARGETS:
+            p.error(f"unknown target {t!r} "
+                    f"(known: {', '.join(ALL_TARGETS + PEER_TARGETS + MULTI_TARGETS)})")
     if args.peers:
         args.targets += [t for t in PEER_TARGETS if t not in args.targets]
     if args.before and BEFORE not in args.targets:
