@@ -22,6 +22,10 @@ Targets (each cell runs every selected target; ``+uv`` = on uvloop):
   mw-empty+uv   the same on uvloop (bench/uvloop_serve.py)
   mw-full       mailwarden, the full default chain (issue 10)
   mw-full+uv    the same on uvloop
+  mw-full+pg    the full chain on the PostgreSQL store (issue 16; a private
+                PostgreSQL with fsync on, a fresh database per start)
+  mw-full+key   the full chain, SQLite store, bodies sealed ([store] key_file)
+  mw-full+pg+key  the same on the PostgreSQL store (keys in <db>_keys)
 
 Each (run, message set) starts every target afresh (so VmHWM is this set's
 peak, and the store starts empty) and warms it up with a few unmeasured
@@ -64,7 +68,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BEFORE = "mw-full@before"
 
 ALL_TARGETS = ("sink", "bare", "bare+uv", "bare+scan", "bare+scan+uv",
-               "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv")
+               "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv",
+               "mw-full+pg", "mw-full+key", "mw-full+pg+key")
 #: Several serve processes on one port (bench/multi_serve.py; an experiment,
 #: only when named in --targets): "*N" = N processes.
 MULTI_TARGETS = ("mw-empty*2", "mw-full*2")
@@ -78,6 +83,8 @@ BASELINE = {
     "bare+scan": "bare", "bare+scan+uv": "bare+uv",
     BEFORE: "bare+scan",
     "mw-empty*2": "bare", "mw-full*2": "bare+scan",
+    # issue 16: the PostgreSQL store against the SQLite one, same chain
+    "mw-full+pg": "mw-full", "mw-full+key": "mw-full", "mw-full+pg+key": "mw-full+key",
 }
 
 #: Messages per cell: (1 session, more sessions).  --messages overrides.
@@ -271,7 +278,7 @@ def stop_all(targets: list[Any], sink: Sink | None, clamd: Any) -> None:
 
 
 def gateway_config(path: Path, *, listen: int, sink: int, store: Path,
-                   chain: tuple[str, ...], clamd_socket: str) -> Path:
+                   chain: tuple[str, ...], clamd_socket: str, store_toml: str = "") -> Path:
     """Write a mailwarden config for the benchmark and validate it."""
     from gateway.config import ConfigError, load_config
 
@@ -288,6 +295,7 @@ def gateway_config(path: Path, *, listen: int, sink: int, store: Path,
         "max_sessions = 1000\n"
         "[store]\n"
         f'path = "{store}"\n'
+        f"{store_toml}"
         "[filters]\n"
         f"chain = [{chain_toml}]\n"
     )
@@ -342,7 +350,8 @@ class Target:
             chain = env.full_chain if self.name.startswith("mw-full") else ()
             conf = gateway_config(work / "config.toml", listen=self.port, sink=env.sink.port,
                                   store=work / "store", chain=chain,
-                                  clamd_socket=env.clamd_socket)
+                                  clamd_socket=env.clamd_socket,
+                                  store_toml=store_toml(self.name, env, work))
             code = env.before_src if self.name == BEFORE else env.src
             assert code is not None
             entry = ([str(BENCH / "uvloop_serve.py")] if uv
@@ -411,6 +420,40 @@ class Env:
     generation: int = 0
     #: ``--before REV``: that commit's tree (see snapshot_rev()).
     before_src: Path | None = None
+    #: the private PostgreSQL of the ``+pg`` targets (tests/support/postgres.py)
+    pg: Any = None
+
+
+def start_postgres() -> Any:
+    """A private PostgreSQL (the suite's throw-away server) made durable like a
+    production one (fsync, synchronous_commit, full_page_writes on), so the
+    PostgreSQL store is compared with SQLite's synchronous=FULL fairly."""
+    from tests.support.postgres import PgServer
+
+    server = PgServer.create()
+    server.stop()
+    with open(server.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+        conf.write("\n# bench/run.py: durable like production\n"
+                   "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
+    server.start()
+    return server
+
+
+def store_toml(target: str, env: Env, work: Path) -> str:
+    """``[store]`` lines of a target beyond ``path``: the backend and the key file."""
+    lines = ""
+    if "+pg" in target:
+        lines += 'backend = "postgresql"\n'
+        lines += f'dsn = "{env.pg.new_database()}"\n'
+        lines += f'instance = "{target}"\n'
+    if target.endswith("+key"):
+        from quarantine.crypto import write_kek
+
+        kek = work / "kek"
+        if not kek.exists():
+            write_kek(kek)
+        lines += f'key_file = "{kek}"\n'
+    return lines
 
 
 def _pyproject(root: Path) -> dict[str, Any]:
@@ -773,6 +816,20 @@ def print_before_after(summary: dict[tuple[str, Any, str], dict[str, Any]],
               f"| {fmt(b['spread'], '.0%')} / {fmt(a['spread'], '.0%')} |")
 
 
+def print_issue16(summary: dict[tuple[str, int, str], dict[str, Any]]) -> None:
+    """The store backends side by side (issue 16: PostgreSQL >= 90% of SQLite)."""
+    rows = sorted((k for k in summary if k[2] in ("mw-full+pg", "mw-full+key", "mw-full+pg+key")),
+                  key=lambda k: (k[0], str(k[1]), k[2]))  # sessions: 20 or "20 reuse"
+    if not rows:
+        return
+    print("\nStore backends (same run, medians; goal: PostgreSQL >= 90% of SQLite):")
+    for mset, s, target in rows:
+        row = summary[(mset, s, target)]
+        print(f"  {mset:6} x{s!s:<8} {target:15} {fmt(row['rate'], ',.1f'):>8} msgs/s"
+              f" = {fmt(100 * row['vs_base'] if row['vs_base'] else None, '.0f')}% of"
+              f" {row['base']}  (CPU {fmt(row['cpu_ms'], '.2f')} ms/msg)")
+
+
 def print_issue2(summary: dict[tuple[str, int, str], dict[str, Any]], sessions: list[int]) -> None:
     """Issue 2's comparison: small messages, empty chain vs the bare relay."""
     if not any(("small", s, t) in summary for s in sessions for t in ("mw-empty", "mw-empty+uv")):
@@ -952,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     full_chain = tuple(args.chain.split(",")) if args.chain else DEFAULT_CHAIN
     workdir = Path(tempfile.mkdtemp(prefix="mw-bench-"))
     files = messages.write_all(workdir / "messages", tuple(args.matrix))
-    sink = clamd = None
+    sink = clamd = pg = None
     targets = [Target(name) for name in args.targets]
     samples: list[Sample] = []
     t_start = time.monotonic()
@@ -962,17 +1019,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sink = Sink(workdir)
         clamd = start_clamd(tcp="amavis" in args.targets) if need_clamd else None
+        pg = start_postgres() if any("+pg" in t for t in args.targets) else None
         env = Env(workdir, sink, clamd.socket if clamd else "", clamd_pid(clamd) if clamd else None,
                   full_chain, src=snapshot(workdir / "src"),
                   clamd_tcp=(clamd.tcp_address or "") if clamd else "",
                   before_src=snapshot_rev(args.before, workdir / "src-before")
-                  if args.before else None)
+                  if args.before else None, pg=pg)
         if args.profile:
             profile(args, env, files)
         else:
             run_matrix(args, env, files, targets, samples)
     finally:
         stop_all(targets, sink, clamd)
+        if pg is not None:
+            pg.cleanup()
     if args.profile:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -1047,6 +1107,7 @@ def report(args: argparse.Namespace, samples: list[Sample], elapsed: float) -> b
     print_issue2(summary, args.sessions)
     print_issue10(summary, list(args.targets))
     print_before_after(summary, args.matrix, args.rows)
+    print_issue16(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "samples": [s.__dict__ | {"rate": s.rate} for s in samples],

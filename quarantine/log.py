@@ -65,7 +65,7 @@ import click
 
 from filters.header_log import address_digest
 from quarantine.pseudonym import Pseudonymiser, candidates
-from quarantine.store import ERASED_KEYS, GENESIS, Row, canonical, chain_hash, iso
+from quarantine.store import ERASED_KEYS, GENESIS, Chain, Row, canonical, chain_hash, iso
 from quarantine.store import StoreProtocol as Store
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -212,21 +212,45 @@ async def _index(store: Store, lo: int, hi: int) -> dict[int, list[str]]:
     return await store.log_index(lo, hi)
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _link(row: Row) -> str:
+    """What a row's chain hash is over: its record hash where the backend
+    stores one (PostgreSQL), else the record itself (SQLite)."""
+    return row.record_hash or row.record
+
+
 def _check_row(row: Row, prevs: tuple[str, ...], index: list[str]) -> tuple[str | None, bool]:
     """Why ``row`` is bad (or None), and whether it is an erasure marker.
 
     ``prevs`` holds the predecessor's stored hash and, when that row was bad,
     the hash its content should have had: after an edited record *or* an
-    edited hash column the chain resumes, so one edit counts once."""
+    edited hash column the chain resumes, so one edit counts once.
+
+    With a stored ``record_hash`` the chain runs over record hashes, so a
+    tombstone's link is still checked (only its content no longer matches its
+    record hash, as intended)."""
     try:
         rec = json.loads(row.record)
     except ValueError:
+        rec = None
+    erased = isinstance(rec, dict) and rec.get("erased") is True and set(rec) <= ERASED_KEYS
+    if row.record_hash:
+        if all(chain_hash(prev, row.record_hash) != row.hash for prev in prevs):
+            return "its hash does not match its record hash and its predecessor's hash", erased
+        if erased:
+            return None, True
+        if _sha(row.record) != row.record_hash:
+            return "its record does not match its record hash", False
+    if rec is None:
         return "its record is not valid JSON", False
     if not isinstance(rec, dict):
         return "its record is not a JSON object", False
-    if rec.get("erased") is True and set(rec) <= ERASED_KEYS:
+    if erased:
         return None, True
-    if all(chain_hash(prev, row.record) != row.hash for prev in prevs):
+    if not row.record_hash and all(chain_hash(prev, row.record) != row.hash for prev in prevs):
         return "its hash does not match its content and its predecessor's hash", False
     for column in ("time", "queue_id", "direction"):
         if rec.get(column, "") != getattr(row, column):
@@ -237,73 +261,207 @@ def _check_row(row: Row, prevs: tuple[str, ...], index: list[str]) -> tuple[str 
     return None, False
 
 
+class _Failure(NamedTuple):
+    seq: int  # the record's seq in the store (global id on PostgreSQL)
+    instance: str
+    pos: int  # its chain position
+    queue_id: str
+    time: str
+    why: str
+
+
+def _where(kind: str, f: _Failure) -> str:
+    if not f.instance:
+        if kind == "log":
+            return f"record seq {f.seq} (queue id {f.queue_id}, time {f.time})"
+        return f"row seq {f.seq} (time {f.time}, command {f.queue_id!r})"
+    if kind == "log":
+        return (f"instance {f.instance} seq {f.pos} (record {f.seq}, queue id {f.queue_id},"
+                f" time {f.time})")
+    return f"instance {f.instance} seq {f.pos} (audit row {f.seq}, time {f.time}," \
+           f" command {f.queue_id!r})"
+
+
+class _Anchors(NamedTuple):
+    #: (kind, instance, chain position) -> [(anchor seq, anchored hash)]
+    claims: dict[tuple[str, str, int], list[tuple[int, str]]]
+    problems: list[str]
+    count: int
+
+
+async def _anchors(store: Store, page_size: int) -> _Anchors:
+    """Read and check the anchor chain (PostgreSQL; none on SQLite): each
+    anchor is ``chain_hash(prev, sha256(text))`` over its stored text, which
+    names every chain's head (kind -> instance -> [position, hash])."""
+    claims: dict[tuple[str, str, int], list[tuple[int, str]]] = {}
+    problems: list[str] = []
+    start = await store.anchor_chain()
+    prev = start.anchor
+    after = start.anchor_seq or 0
+    count = 0
+    expected = after + 1
+    while rows := await store.anchor_page(after, page_size):
+        for seq, _time, _instance, text, h in rows:
+            count += 1
+            if seq != expected:
+                problems.append(f"anchor seq {expected}..{seq - 1} missing")
+            expected = seq + 1
+            if chain_hash(prev, _sha(text)) != h:
+                problems.append(f"anchor seq {seq}: its hash does not match its content"
+                                " and its predecessor's hash")
+            prev = h
+            after = seq
+            try:
+                heads = json.loads(text)["heads"]
+                for kind, chains in heads.items():
+                    for instance, (pos, hh) in chains.items():
+                        seen = claims.setdefault((kind, instance, int(pos)), [])
+                        if not any(hh == h0 for _, h0 in seen):  # an idle head, named again
+                            seen.append((seq, hh))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                problems.append(f"anchor seq {seq}: unreadable content")
+    return _Anchors(claims, problems, count)
+
+
+def _check_claims(kind: str, anchors: _Anchors, chains: list[Chain],
+                  seen: dict[tuple[str, int], str], last: dict[str, int]) -> list[str]:
+    """Anchored heads that the chains no longer match."""
+    problems: list[str] = []
+    by_name = {c.instance: c for c in chains}
+    for (k, instance, pos), anchored in sorted(anchors.claims.items()):
+        if k != kind:
+            continue
+        chain = by_name.get(instance)
+        for seq, h in anchored:
+            if chain is None:
+                problems.append(f"anchor seq {seq} names instance {instance}, whose {kind}"
+                                " chain is gone")
+            elif (instance, pos) in seen:
+                if seen[(instance, pos)] != h:
+                    problems.append(f"anchor seq {seq}: instance {instance} seq {pos} has"
+                                    " another hash than the one anchored")
+            elif chain.anchor_seq is not None and pos == chain.anchor_seq:
+                if chain.anchor != h:
+                    problems.append(f"anchor seq {seq}: instance {instance} seq {pos} (purged)"
+                                    " does not match the retention anchor")
+            elif chain.anchor_seq is not None and pos < chain.anchor_seq:
+                continue  # purged by retention
+            elif pos > last.get(instance, 0):
+                problems.append(f"anchor seq {seq}: instance {instance} seq {pos} is missing")
+    return problems
+
+
 async def verify(store: Store, page_size: int = 5000) -> VerifyResult:
-    """Recompute the log's hash chain from ``meta.log_anchor``.
+    """Recompute every log chain from its anchor (SQLite: ``meta.log_anchor``;
+    PostgreSQL: each instance's chain, then the anchor chain tying their heads).
 
     Returns ``(True, None, summary)`` or ``(False, seq, message)`` naming the
-    first bad record (seq, queue id, time) and how many records are bad in
-    all (after a break the check resumes, so one edit counts once).  An
-    erasure tombstone must be confirmed by its ``erase`` audit row (which
-    lists the erased seqs); :func:`verify_audit` proves that row authentic.
+    first bad record (seq, queue id, time; with several chains ``instance NAME
+    seq N``) and how many records are bad in all (after a break the check
+    resumes, so one edit counts once).  An erasure tombstone must be confirmed
+    by its ``erase`` audit row (which lists the erased seqs);
+    :func:`verify_audit` proves that row authentic.
     """
-    anchor = await store.log_anchor()
-    prevs: tuple[str, ...] = (anchor,)
-    failures: list[tuple[Row, str]] = []  # the first one, then (row, "") per other
+    # anchors first, then the heads, then the rows up to those heads: records
+    # appended meanwhile are left for the next run, and an anchor can only
+    # name a position at or below the heads read after it
+    anchors = await _anchors(store, page_size)
+    chains = await store.log_chains()
+    failures: list[_Failure] = []
     bad = 0
     checked = 0
     erased: dict[int, list[Row]] = {}  # audit seq -> tombstones
-    lo = hi = None
-    prev_seq: int | None = None
-    async for page in iter_pages(store, LogQuery(), page_size):
-        index = await _index(store, page[0].seq, page[-1].seq)
-        for row in page:
-            reason, is_erased = _check_row(row, prevs, index.get(row.seq, []))
-            if reason is None and prev_seq is not None and row.seq != prev_seq + 1:
-                # unreachable with an intact chain unless rows were removed
-                # *and* the hashes rewritten; report the gap anyway
-                reason = f"records seq {prev_seq + 1}..{row.seq - 1} are missing"
-            if is_erased:
-                erased.setdefault(int(json.loads(row.record).get("audit_seq", 0)), []).append(row)
-            if reason is None:
-                prevs = (row.hash,)
-            else:
-                bad += 1
-                if not failures:
-                    failures.append((row, reason))
-                # resume from either the stored hash (the record was edited)
-                # or the hash its content implies (the hash was edited)
-                prevs = (row.hash, *(chain_hash(p, row.record) for p in prevs))
-            prev_seq = row.seq
-            checked += 1
-            lo = row.seq if lo is None else lo
-            hi = row.seq
+    seqs: list[int] = []
+    seen: dict[tuple[str, int], str] = {}
+    last: dict[str, int] = {}
+    wanted = {(i, p) for (k, i, p) in anchors.claims if k == "log"}
+    for chain in chains:
+        prevs: tuple[str, ...] = (chain.anchor,)
+        prev_pos = chain.anchor_seq
+        after = chain.anchor_seq or 0
+        end = None
+        stop = chain.head[0] if chain.head is not None else None
+        while page := await store.log_chain_page(chain.instance, after, page_size):
+            if stop is not None:
+                page = [r for r in page if (r.pos or r.seq) <= stop]
+                if not page:
+                    break
+            index = await _index(store, min(r.seq for r in page), max(r.seq for r in page))
+            for row in page:
+                pos = row.pos or row.seq
+                reason, is_erased = _check_row(row, prevs, index.get(row.seq, []))
+                if reason is None and prev_pos is not None and pos != prev_pos + 1:
+                    # unreachable with an intact chain unless rows were removed
+                    # *and* the hashes rewritten; report the gap anyway
+                    reason = f"records seq {prev_pos + 1}..{pos - 1} are missing"
+                if is_erased:
+                    audit_seq = int(json.loads(row.record).get("audit_seq", 0))
+                    erased.setdefault(audit_seq, []).append(row)
+                if reason is None:
+                    prevs = (row.hash,)
+                else:
+                    bad += 1
+                    failures.append(_Failure(row.seq, row.instance, pos, row.queue_id, row.time,
+                                             reason))
+                    # resume from either the stored hash (the record was edited)
+                    # or the hash its content implies (the hash was edited)
+                    prevs = (row.hash, *(chain_hash(p, _link(row)) for p in prevs))
+                if (chain.instance, pos) in wanted:
+                    seen[(chain.instance, pos)] = row.hash
+                prev_pos = pos
+                end = (pos, row.hash)
+                checked += 1
+                seqs.append(row.seq)
+            after = page[-1].pos or page[-1].seq
+        last[chain.instance] = end[0] if end else (chain.anchor_seq or 0)
+        if chain.head is not None and chain.head[0] > 0 and (
+            end is None and chain.head[0] != chain.anchor_seq or end and end != chain.head
+        ):
+            bad += 1
+            failures.append(_Failure(0, chain.instance, last[chain.instance] + 1, "", "",
+                                     f"records up to the chain head seq {chain.head[0]}"
+                                     " are missing or differ from the head"))
     for audit_seq, rows in erased.items():
         listed = await _erased_by(store, audit_seq)
         for r in rows:
             if listed is None or r.seq in listed:
                 continue
             bad += 1
-            failures.append((r, f"erased, but audit row {audit_seq} is not an erase"
-                                f" command listing it"))
+            failures.append(_Failure(r.seq, r.instance, r.pos or r.seq, r.queue_id, r.time,
+                                     f"erased, but audit row {audit_seq} is not an erase"
+                                     " command listing it"))
+    anchor_problems = anchors.problems + _check_claims("log", anchors, chains, seen, last)
     if failures:
-        first, why = min(failures, key=lambda f: f[0].seq)
+        first = min(failures, key=lambda f: (f.seq == 0, f.seq, f.instance, f.pos))
+        more = f"; {len(anchor_problems)} anchor problems" if anchor_problems else ""
         return VerifyResult(
             False,
-            first.seq,
-            f"log chain broken at record seq {first.seq} (queue id {first.queue_id},"
-            f" time {first.time}): {why}; {bad} of {checked} records fail",
+            first.seq or first.pos,
+            f"log chain broken at {_where('log', first)}: {first.why};"
+            f" {bad} of {checked} records fail{more}",
         )
-    span = f" (seq {lo}..{hi})" if checked else ""
+    if anchor_problems:
+        return VerifyResult(False, None, f"log anchors broken: {anchor_problems[0]};"
+                                         f" {len(anchor_problems)} anchor problems")
+    span = f" (seq {min(seqs)}..{max(seqs)})" if seqs else ""
     extra = ""
     if erased:
-        seqs = sorted(r.seq for rows in erased.values() for r in rows)
-        shown = ", ".join(map(str, seqs[:20])) + (", ..." if len(seqs) > 20 else "")
+        gone = sorted(r.seq for rows in erased.values() for r in rows)
+        shown = ", ".join(map(str, gone[:20])) + (", ..." if len(gone) > 20 else "")
         audits = ", ".join(map(str, sorted(erased)))
-        extra = f"; erased records: {len(seqs)} (seq {shown}; erase audit seq {audits})"
-    origin = "genesis" if anchor == GENESIS else f"anchor {anchor[:12]}..."
+        extra = f"; erased records: {len(gone)} (seq {shown}; erase audit seq {audits})"
     plural = "" if checked == 1 else "s"
+    if len(chains) == 1 and not chains[0].instance:
+        anchor = chains[0].anchor
+        origin = "genesis" if anchor == GENESIS else f"anchor {anchor[:12]}..."
+        return VerifyResult(
+            True, None, f"log chain intact: {checked} record{plural}{span} from {origin}{extra}"
+        )
+    names = ", ".join(c.instance for c in chains) or "none"
     return VerifyResult(
-        True, None, f"log chain intact: {checked} record{plural}{span} from {origin}{extra}"
+        True, None,
+        f"log chain intact: {checked} record{plural}{span} in {len(chains)} instance chains"
+        f" ({names}), {anchors.count} anchors{extra}",
     )
 
 
@@ -327,46 +485,82 @@ async def _erased_by(store: Store, audit_seq: int) -> set[int] | None:
 
 
 async def verify_audit(store: Store, page_size: int = 5000) -> VerifyResult:
-    """Recompute the audit trail's hash chain from ``meta.audit_anchor``."""
-    prev = await store.audit_anchor()
-    after = 0
+    """Recompute every audit chain from its anchor (and, on PostgreSQL,
+    check the anchored audit heads)."""
+    anchors = await _anchors(store, page_size)
+    chains = await store.audit_chains()
+    wanted = {(i, p) for (k, i, p) in anchors.claims if k == "audit"}
+    seen: dict[tuple[str, int], str] = {}
+    last: dict[str, int] = {}
     checked = 0
-    first: tuple[int, str, str] | None = None
     bad = 0
-    while True:
-        rows = await store.audit_page(after, page_size)
-        if not rows:
-            break
-        for seq, t, user, uid, command, targets, filters, reason, exceptional, detail, h in rows:
-            try:
-                payload = {
-                    "time": t,
-                    "user": user,
-                    "uid": uid,
-                    "command": command,
-                    "targets": json.loads(targets),
-                    "filters": json.loads(filters),
-                    "reason": reason,
-                    "exceptional": bool(exceptional),
-                    "detail": json.loads(detail),
-                }
-                good = chain_hash(prev, canonical(payload)) == h
-            except ValueError:
-                good = False
-            if not good:
-                bad += 1
-                if first is None:
-                    first = (seq, t, command)
-            prev = h
-            checked += 1
-            after = seq
-    if first is not None:
-        return VerifyResult(
-            False,
-            first[0],
-            f"audit chain broken at row seq {first[0]} (time {first[1]}, command"
-            f" {first[2]!r}); {bad} of {checked} rows fail",
-        )
+    failures: list[_Failure] = []
+    for chain in chains:
+        prev = chain.anchor
+        prev_pos = chain.anchor_seq
+        after = chain.anchor_seq or 0
+        end: tuple[int, str] | None = None
+        stop = chain.head[0] if chain.head is not None else None
+        while rows := await store.audit_chain_page(chain.instance, after, page_size):
+            if stop is not None:
+                rows = [r for r in rows if r[11] <= stop]
+                if not rows:
+                    break
+            for row in rows:
+                (seq, t, user, uid, command, targets, filters, reason, exceptional, detail, h,
+                 pos, instance, record_hash) = row
+                try:
+                    payload = canonical({
+                        "time": t,
+                        "user": user,
+                        "uid": uid,
+                        "command": command,
+                        "targets": json.loads(targets),
+                        "filters": json.loads(filters),
+                        "reason": reason,
+                        "exceptional": bool(exceptional),
+                        "detail": json.loads(detail),
+                    })
+                    if record_hash:
+                        good = _sha(payload) == record_hash and chain_hash(prev, record_hash) == h
+                    else:
+                        good = chain_hash(prev, payload) == h
+                    why = "its hash does not match its content and its predecessor's hash"
+                except ValueError:
+                    good, why = False, "its content is not valid JSON"
+                if good and prev_pos is not None and pos != prev_pos + 1:
+                    good, why = False, f"rows seq {prev_pos + 1}..{pos - 1} are missing"
+                if not good:
+                    bad += 1
+                    failures.append(_Failure(seq, instance, pos, command, t, why))
+                if (chain.instance, pos) in wanted:
+                    seen[(chain.instance, pos)] = h
+                prev = h
+                prev_pos = pos
+                end = (pos, h)
+                checked += 1
+            after = rows[-1][11]
+        last[chain.instance] = end[0] if end else (chain.anchor_seq or 0)
+        if chain.head is not None and chain.head[0] > 0 and (
+            end is None and chain.head[0] != chain.anchor_seq or end and end != chain.head
+        ):
+            bad += 1
+            failures.append(_Failure(0, chain.instance, last[chain.instance] + 1, "", "",
+                                     f"rows up to the chain head seq {chain.head[0]} are"
+                                     " missing or differ from the head"))
+    problems = anchors.problems + _check_claims("audit", anchors, chains, seen, last)
+    if failures:
+        first = min(failures, key=lambda f: (f.seq == 0, f.seq, f.instance, f.pos))
+        if not first.instance:
+            text = (f"audit chain broken at row seq {first.seq} (time {first.time}, command"
+                    f" {first.queue_id!r}); {bad} of {checked} rows fail")
+        else:
+            text = (f"audit chain broken at {_where('audit', first)}: {first.why};"
+                    f" {bad} of {checked} rows fail")
+        return VerifyResult(False, first.seq or first.pos, text)
+    if problems:
+        return VerifyResult(False, None, f"audit anchors broken: {problems[0]};"
+                                         f" {len(problems)} anchor problems")
     return VerifyResult(True, None, f"audit chain intact: {checked} rows")
 
 

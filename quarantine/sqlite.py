@@ -44,6 +44,7 @@ from quarantine.store import (
     DB_NAME,
     GENESIS,
     MESSAGES_DIR,
+    Chain,
     LogFilter,
     NotFound,
     OnHold,
@@ -1260,6 +1261,38 @@ class SQLiteStore:
 
     async def audit_anchor(self) -> str:
         return await self._meta("audit_anchor", GENESIS)
+
+    # ------------------------------------------- chains (for log verify)
+
+    async def log_chains(self) -> list[Chain]:
+        """The one log chain (instance ""), from ``meta.log_anchor``."""
+        return [Chain("", await self.log_anchor())]
+
+    async def log_chain_page(self, instance: str, after: int, limit: int) -> list[Row]:
+        """Rows of the (one) chain with ``seq > after``, in seq order."""
+        async with self.db.execute(
+            "SELECT seq, time, queue_id, direction, record, hash FROM log WHERE seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cur:
+            return [Row(*r) for r in await cur.fetchall()]
+
+    async def audit_chains(self) -> list[Chain]:
+        return [Chain("", await self.audit_anchor())]
+
+    async def audit_chain_page(
+        self, instance: str, after: int, limit: int
+    ) -> list[tuple[Any, ...]]:
+        """:meth:`audit_page` rows plus (chain seq, instance "", record hash "")."""
+        return [(*r, r[0], "", "") for r in await self.audit_page(after, limit)]
+
+    async def anchor_chain(self) -> Chain:
+        """No anchor chain (see :meth:`anchor_page`): it starts at GENESIS."""
+        return Chain("", GENESIS, 0)
+
+    async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]:
+        """No anchor chain: one writer's chain needs none."""
+        return []
 
     # ----------------------------------------------------- audit: reading
 

@@ -2,9 +2,11 @@
 
 :class:`StoreProtocol` lists the domain methods the rest of mailwarden uses
 (quarantine, log append/iterate, audit, subject access, erasure, retention,
-metrics counts); no SQL outside a backend module.  The first backend is
-:class:`quarantine.sqlite.SQLiteStore` (schema and migrations live there);
-``Store`` stays the name callers open a store with (``await Store.open(path)``).
+metrics counts); no SQL outside a backend module.  The backends:
+:class:`quarantine.sqlite.SQLiteStore` (the default; ``Store`` stays the name
+callers open a SQLite store with, ``await Store.open(path)``) and
+:class:`quarantine.postgres.PostgresStore` (several gateways on one database;
+docs/store.md); :func:`open_store` picks one from ``[store] backend``.
 
 The SQLite layout under ``store.path``: one database (WAL) and message files.
 
@@ -69,7 +71,14 @@ COLUMNS = (
 
 
 class Row(NamedTuple):
-    """One stored log row."""
+    """One stored log row.
+
+    ``seq`` identifies the record in the whole store (SQLite: its chain
+    position; PostgreSQL: the global id that orders all instances' rows).
+    A backend with several chains also gives the row's ``instance``, its
+    chain position ``pos``, and ``record_hash`` (``sha256(record)``: the
+    chain is then ``hash = chain_hash(prev, record_hash)``).  Empty/0 for
+    SQLite, whose one chain hashes the record itself."""
 
     seq: int
     time: str
@@ -77,6 +86,24 @@ class Row(NamedTuple):
     direction: str
     record: str
     hash: str
+    instance: str = ""
+    pos: int = 0
+    record_hash: str = ""
+
+
+class Chain(NamedTuple):
+    """One hash chain of a store (``log_chains``/``audit_chains``).
+
+    SQLite has one chain (``instance`` ""); PostgreSQL one per gateway
+    instance.  ``anchor`` is the ``prev`` of the oldest remaining row (GENESIS,
+    or the hash of the last row retention purged), ``anchor_seq`` that purged
+    row's chain position (None: not recorded), ``head`` the (position, hash)
+    of the last row ever appended (None: not recorded)."""
+
+    instance: str
+    anchor: str
+    anchor_seq: int | None = None
+    head: tuple[int, str] | None = None
 
 
 class LogFilter(Protocol):
@@ -169,7 +196,7 @@ def addresses_of(values: Iterable[str | None]) -> set[str]:
 
 
 class StoreProtocol(Protocol):
-    """What mailwarden needs from a store backend (SQLite today; PostgreSQL next).
+    """What mailwarden needs from a store backend (SQLite, PostgreSQL: docs/store.md).
 
     Quarantine items are dicts with the keys :data:`COLUMNS`; times are ISO
     strings from :func:`iso`.  Log and audit appends take their chain position
@@ -248,6 +275,16 @@ class StoreProtocol(Protocol):
     async def log_last_seq(self) -> int: ...
     async def log_index(self, lo: int, hi: int) -> dict[int, list[str]]: ...
     async def log_anchor(self) -> str: ...
+
+    # chain iteration (for ``mailwarden log verify``): every chain, in chain order
+    async def log_chains(self) -> list[Chain]: ...
+    async def log_chain_page(self, instance: str, after: int, limit: int) -> list[Row]: ...
+    async def audit_chains(self) -> list[Chain]: ...
+    async def audit_chain_page(
+        self, instance: str, after: int, limit: int
+    ) -> list[tuple[Any, ...]]: ...
+    async def anchor_chain(self) -> Chain: ...
+    async def anchor_page(self, after: int, limit: int) -> list[tuple[int, str, str, str, str]]: ...
 
     # audit
     async def audit(
@@ -334,7 +371,7 @@ if TYPE_CHECKING:
     Store = SQLiteStore
 
 __all__ = [
-    "COLUMNS", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
+    "COLUMNS", "Chain", "DB_NAME", "ERASED_KEYS", "GENESIS", "MESSAGES_DIR", "MIGRATIONS", "LogFilter",
     "NotFound", "OnHold", "Row", "SQLiteStore", "Store", "StoreError", "StoreProtocol",
     "addresses_of", "canonical", "chain_hash", "erased_record", "is_erased", "iso",
     "new_quarantine_id", "open_store", "os_user", "utcnow",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from tests.support.harness import Gateway, NextHop, test_config
 from tests.support.otheruser import PortableInstall, portable_install
+from tests.support.postgres import PgMissing, PgServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -38,6 +40,22 @@ def other_user_install() -> Iterator[PortableInstall]:
     install = portable_install(REPO)
     yield install
     install.remove()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL (Unix socket only) for the whole session; each test
+    takes a fresh database with ``pg_server.new_database()`` (issue 16).
+    Without PostgreSQL installed: a failure in CI (``CI=true``), a visible skip
+    elsewhere."""
+    try:
+        server = PgServer.create()
+    except PgMissing as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture

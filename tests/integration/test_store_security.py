@@ -225,6 +225,11 @@ REVIEWED = {
                              "' AND '.join(rng) if rng else '')",
                              "' WHERE ' + ' AND '.join(rng) if rng else ''",
                              "number + 1"},
+    # the PostgreSQL backend: column lists, its own WHERE clauses built from
+    # literals (values are %s parameters), table names from a fixed mapping
+    "quarantine/postgres.py": {"_log_from(query)", "where", "table", "sql", "_SELECT",
+                               "', '.join(COLUMNS)", "' AND '.join(where)",
+                               "_AUDIT_COLUMNS", "_LOG_COLUMNS"},
 }
 
 

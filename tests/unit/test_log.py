@@ -46,6 +46,25 @@ async def store(tmp_path: Path) -> Any:
     await s.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The same ten records on either backend (for the tests that read the
+    log through the protocol only; the tamper tests edit SQLite's tables)."""
+    if request.param == "sqlite":
+        s = await Store.open(tmp_path / "store")
+    else:
+        from gateway.config import StoreSettings
+        from quarantine.postgres import PostgresStore
+
+        dsn = request.getfixturevalue("pg_server").new_database()
+        s = await PostgresStore.open(StoreSettings(backend="postgresql", dsn=dsn,
+                                                   instance="gw1", path=str(tmp_path / "gw1")),
+                                     create=True)
+    await s.write_log_batch([rec(i) for i in range(1, 11)])
+    yield s
+    await s.close()
+
+
 async def sql(store: Store, statement: str, *params: Any) -> None:
     await store.db.execute(statement, params)
 
@@ -159,7 +178,8 @@ async def test_verify_audit_detects_edits(store: Store) -> None:
     assert not ok and bad == 2 and "command 'log export'" in msg
 
 
-async def test_pages_and_filters(store: Store) -> None:
+async def test_pages_and_filters(any_store: Store) -> None:
+    store = any_store
     q = logmod.LogQuery()
     pages = [p async for p in logmod.iter_pages(store, q, page_size=3)]
     assert [len(p) for p in pages] == [3, 3, 3, 1]
@@ -177,7 +197,8 @@ async def test_pages_and_filters(store: Store) -> None:
         break
 
 
-async def test_export_csv_and_jsonl(store: Store) -> None:
+async def test_export_csv_and_jsonl(any_store: Store) -> None:
+    store = any_store
     await store.write_log_batch([rec(11, subject="=cmd|' /C calc'!A0", rcpt_tos=["a", "b"],
                                      reply="250 ok\r\nline two")])
     out = io.BytesIO()
@@ -207,7 +228,8 @@ def test_jsonl_line_and_cells() -> None:
     assert logmod._cell(None) == "" and logmod._cell(True) == "true" and logmod._cell(3) == "3"
 
 
-async def test_stats(store: Store) -> None:
+async def test_stats(any_store: Store) -> None:
+    store = any_store
     rows = await logmod.stats(store, logmod.LogQuery())
     shared = {r.month: (r.messages, r.personal) for r in rows if r.address == "shared@example.com"}
     assert shared == {"2026-01": (3, 1), "2026-02": (4, 2), "2026-03": (3, 2)}

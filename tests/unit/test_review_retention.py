@@ -50,6 +50,23 @@ async def store(tmp_path: Path, clock: Clock) -> Iterator[Store]:
     await s.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Any:
+    """A store of either backend (for tests that go through the protocol only)."""
+    if request.param == "sqlite":
+        s = await Store.open(tmp_path / "store", clock=clock)
+    else:
+        from gateway.config import StoreSettings
+        from quarantine.postgres import PostgresStore
+
+        dsn = request.getfixturevalue("pg_server").new_database()
+        s = await PostgresStore.open(StoreSettings(backend="postgresql", dsn=dsn,
+                                                   instance="gw1", path=str(tmp_path / "gw1")),
+                                     create=True, clock=clock)
+    yield s
+    await s.close()
+
+
 def config(tmp_path: Path, **store: Any) -> Any:
     return parse_config(
         {"gateway": {"internal_domains": ["example.com"]},
@@ -148,7 +165,8 @@ async def test_list_falls_back_to_a_scan_when_matches_are_sparse(
     assert [i["id"] for i in expected[review.ListQuery(reason="clamav")][0]] == [ids[2], ids[1]]
 
 
-async def test_get_item_validates_ids(store: Store) -> None:
+async def test_get_item_validates_ids(any_store: Store) -> None:
+    store = any_store
     with pytest.raises(review.Refusal) as exc:
         await review.get_item(store, "../../etc/passwd")
     assert exc.value.code == 2
@@ -160,7 +178,8 @@ async def test_get_item_validates_ids(store: Store) -> None:
 # -------------------------------------------------------------- release
 
 
-async def test_release_rules(store: Store, clock: Clock) -> None:
+async def test_release_rules(any_store: Store, clock: Clock) -> None:
+    store = any_store
     qid = await hold_item(store, clock, T0, rcpts=("Bob@Example.com", "c@example.com"))
     item = await review.get_item(store, qid)
     assert review.release_recipients(item, []) == ["Bob@Example.com", "c@example.com"]

@@ -45,12 +45,17 @@ def clock() -> Clock:
     return Clock(T0)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[Opener]:
-    """Opens stores of one backend on one location; closes them all at the end."""
+    """Opens stores of one backend on one location; closes them all at the end.
+    PostgreSQL: a fresh database per test; each open is another gateway
+    instance (``gw1``, ``gw2``...) with its own outbox directory."""
     opened: list[StoreProtocol] = []
+    dsn = ""
+    if request.param == "postgresql":
+        dsn = request.getfixturevalue("pg_server").new_database()
 
     async def open_store() -> StoreProtocol:
         if request.param == "sqlite":
@@ -58,6 +63,15 @@ async def backend(
 
             store: StoreProtocol = await Store.open(tmp_path / "store", clock=clock,
                                                     flush_interval=0.01)
+        elif request.param == "postgresql":
+            from gateway.config import StoreSettings
+            from quarantine.postgres import PostgresStore
+
+            n = len(opened) + 1
+            settings = StoreSettings(backend="postgresql", dsn=dsn, instance=f"gw{n}",
+                                     path=str(tmp_path / f"gw{n}"))
+            store = await PostgresStore.open(settings, create=True, clock=clock,
+                                             flush_interval=0.01)
         else:  # pragma: no cover - a backend param without an opener
             raise AssertionError(request.param)
         opened.append(store)
@@ -313,11 +327,15 @@ async def test_erase_tombstones(store: StoreProtocol, clock: Clock) -> None:
     assert result.ok and "erased records: 2" in result.message, result.message
 
 
-def test_sqlite_backend_has_every_protocol_method() -> None:
-    from quarantine.store import SQLiteStore
+@pytest.mark.parametrize("name", ["sqlite", "postgres"])
+def test_backend_has_every_protocol_method(name: str) -> None:
+    if name == "sqlite":
+        from quarantine.sqlite import SQLiteStore as cls
+    else:
+        from quarantine.postgres import PostgresStore as cls  # type: ignore[assignment]
 
     methods = [n for n, v in vars(StoreProtocol).items()
                if callable(v) and not n.startswith("_")]
-    assert len(methods) >= 39
-    missing = [n for n in methods if not callable(getattr(SQLiteStore, n, None))]
+    assert len(methods) >= 45
+    missing = [n for n in methods if not callable(getattr(cls, n, None))]
     assert not missing, missing
