@@ -179,6 +179,8 @@ class GatewaySMTP(SMTP):
                     super().__init__(handler, **kwargs)
                 tables.verified = True
         self.gateway = handler.gateway
+        self._idle_deadline = 0.0
+        self._idle_armed = False
 
     def _fast_init(
         self, handler: Any, tables: _Tables, *, data_size_limit: int | None = aiosmtpd_smtp.DATA_SIZE_DEFAULT,
@@ -315,6 +317,29 @@ class GatewaySMTP(SMTP):
         if self.local_part_limit and len(localpart) > self.local_part_limit:
             return None, None
         return addr, rest
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd restarts the idle timer on every command (a TimerHandle
+        made and one cancelled each time); here the deadline moves and the
+        one timer, when it fires early, waits out the rest.  Same expiry."""
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and self._idle_armed and handle.when() <= deadline:
+            return  # fires no later than the new deadline and re-arms then
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = loop.call_at(deadline, self._idle_check)
+        self._idle_armed = True
+
+    def _idle_check(self) -> None:
+        self._idle_armed = False
+        if self._idle_deadline > self.loop.time():
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+            self._idle_armed = True
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # An idle session is told why before it is closed.
