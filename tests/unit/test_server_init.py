@@ -28,7 +28,9 @@ def _normal(handler: Handler) -> GatewaySMTP:
     """A protocol object built by aiosmtpd's own __init__ only."""
     obj = GatewaySMTP.__new__(GatewaySMTP)
     SMTP.__init__(obj, handler, **KWARGS)
-    obj.gateway = handler.gateway
+    obj.gateway = handler.gateway  # what GatewaySMTP.__init__ adds after either path
+    obj._idle_deadline = 0.0
+    obj._idle_armed = False
     return obj
 
 
