@@ -390,11 +390,13 @@ class SQLiteStore:
         try:
             if new:
                 os.chmod(dbfile, files.FILE_MODE)
+            # The busy timeout first: another process may be opening (and
+            # switching to WAL, migrating) the same store right now.
+            await db.execute("PRAGMA busy_timeout=10000")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=10000")
             store = cls(root, db, clock=clock, batch_size=batch_size, flush_interval=flush_interval,
                         keyring=keyring)
             await store._migrate()
@@ -415,6 +417,13 @@ class SQLiteStore:
         for number in range(version, len(MIGRATIONS)):
             await self.db.execute("BEGIN IMMEDIATE")
             try:
+                # Another process opening the same new store (several serve
+                # processes) may have run this step while we waited.
+                async with self.db.execute("PRAGMA user_version") as cur:
+                    row = await cur.fetchone()
+                if row and row[0] > number:
+                    await self.db.execute("COMMIT")
+                    continue
                 await _run_script(self.db, MIGRATIONS[number])
                 await self.db.execute(f"PRAGMA user_version={number + 1}")
                 await self.db.execute("COMMIT")

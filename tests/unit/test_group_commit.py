@@ -190,3 +190,19 @@ async def test_sealed_bodies_through_the_group_commit(tmp_path: Path) -> None:
             assert await review.read_message(store, item) == raw_message(k)
     finally:
         await store.close()
+
+
+async def test_two_processes_opening_a_new_store_at_once(tmp_path: Path) -> None:
+    """Several serve processes on one new store: each connection migrates
+    only what the other has not (no "table meta already exists")."""
+    for _ in range(5):
+        path = tmp_path / f"store-{_}"
+        stores = await asyncio.gather(SQLiteStore.open(path), SQLiteStore.open(path),
+                                      SQLiteStore.open(path))
+        try:
+            ids = await asyncio.gather(*(put(s, i) for i, s in enumerate(stores)))
+            for s in stores:
+                assert {i["id"] for i in (await s.list_quarantine())[0]} == set(ids)
+        finally:
+            for s in stores:
+                await s.close()
