@@ -104,13 +104,15 @@ def write_durable(root: Path, relative: str, data: bytes, *, sync_dir: bool = Tr
             pass
         raise
     os.close(fd)
+    replaced = False
     try:
         os.replace(tmp, final)
+        replaced = True
         if sync_dir:
             _fsync_dir(parent)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(final if replaced else tmp)  # not kept: no file left either
         except OSError:
             pass
         raise
