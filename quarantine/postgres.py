@@ -9,8 +9,14 @@ name) share one database: one quarantine, one log, one audit trail.
 * **Quarantine**: rows as in SQLite plus the ``instance`` that held the item;
   the message bytes in ``body`` (bytea), so any instance shows and releases
   any item.  Every body write and read goes through :meth:`_put_body` and
-  :meth:`_get_body`.  The row, its address index and its body commit in one
-  transaction (``synchronous_commit = on``) before :meth:`quarantine` returns.
+  :meth:`_get_body`: with ``[store] key_file`` they seal and open the body
+  with the key ring (per-period data keys, ``hold:<id>`` for held items, as
+  in the SQLite backend), whose keys live in the key database
+  (:mod:`quarantine.postgres_keys`), never in this one.  The row, its
+  address index and its body commit in one transaction
+  (``synchronous_commit = on``) before :meth:`quarantine` returns.
+* **Access control** (schema v2): ``access_request``, ``export`` and the
+  hold's ``hold_case`` / ``hold_until``, as in the SQLite backend.
 * **Chains**: the log and the audit trail have one chain per instance, keyed
   by ``(instance, seq)``; every row stores ``record_hash = sha256(record)``
   and ``hash = chain_hash(prev_hash, record_hash)``, so an erased record's
@@ -54,7 +60,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from quarantine import files
+from quarantine import crypto, files
 from quarantine.store import (
     COLUMNS,
     GENESIS,
@@ -177,9 +183,57 @@ MIGRATIONS: list[str] = [
         hash text NOT NULL
     );
     """,
+    # 2: access control (issue 17) as in the SQLite backend's migration 2:
+    # exceptional-access requests and their grants, pseudonymised exports
+    # (with each export's HMAC key), and holds that name their investigation
+    # and may expire.  Additive only.
+    """
+    CREATE TABLE access_request (
+        id text PRIMARY KEY,
+        created text NOT NULL,
+        requester text NOT NULL,
+        requester_uid integer NOT NULL,
+        scope_kind text NOT NULL,
+        scope text NOT NULL,
+        ground text NOT NULL,
+        case_ref text NOT NULL,
+        reason text NOT NULL,
+        state text NOT NULL DEFAULT 'pending',
+        decided text,
+        decided_by text,
+        decided_uid integer,
+        expires text
+    );
+    CREATE INDEX access_request_scope ON access_request (scope_kind, scope);
+    CREATE INDEX access_request_created ON access_request (created);
+    CREATE TABLE export (
+        id text PRIMARY KEY,
+        time text NOT NULL,
+        "user" text NOT NULL,
+        uid integer NOT NULL,
+        ground text NOT NULL DEFAULT '',
+        case_ref text NOT NULL DEFAULT '',
+        filters text NOT NULL DEFAULT '{}',
+        identified boolean NOT NULL DEFAULT false,
+        hmac_key text
+    );
+    ALTER TABLE quarantine ADD COLUMN hold_case text;
+    ALTER TABLE quarantine ADD COLUMN hold_until text;
+    CREATE INDEX quarantine_hold_until ON quarantine (hold_until) WHERE hold
+    """,
 ]
 
-_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM quarantine"
+#: Columns of ``access_request`` and ``export`` (= the SQLite backend's and
+#: :data:`quarantine.grants.REQUEST_KEYS` / ``EXPORT_KEYS``).
+REQUEST_COLUMNS = (
+    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
+    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
+)
+EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
+                  "hmac_key")
+
+#: the item columns, then the instance that held it (a PostgreSQL-only key)
+_SELECT = "SELECT " + ", ".join(COLUMNS) + ", instance FROM quarantine"
 _AUDIT_COLUMNS = ('id, time, "user", uid, command, targets, filters, reason, exceptional,'
                   " detail, hash")
 _LOG_COLUMNS = ("l.id, l.time, l.queue_id, l.direction, l.record, l.hash, l.instance, l.seq,"
@@ -214,13 +268,19 @@ def _json_list(text: str | None) -> list[Any]:
 
 
 def _item(values: Sequence[Any]) -> dict[str, Any]:
-    item = dict(zip(COLUMNS, values, strict=True))
+    item = dict(zip((*COLUMNS, "instance"), values, strict=True))
     item["rcpt_tos"] = _json_list(item["rcpt_tos"])
     item["verdicts"] = _json_list(item["verdicts"])
     item["personal"] = bool(item["personal"])
     item["hold"] = bool(item["hold"])
     item["size"] = int(item["size"])
     return item
+
+
+async def _is_plaintext(data: bytes, item: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is the plaintext message itself (one that happens to
+    start like a sealed blob), by its recorded SHA-256."""
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == item["sha256"])
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> list[Sequence[Any]]:
@@ -404,7 +464,8 @@ class PostgresStore:
         keyring: KeyRing | None = None,
     ) -> None:
         self.settings = settings
-        #: seals stored content; not yet used by this backend (see :meth:`open`)
+        #: seals message bodies when ``[store] key_file`` is set (None: plaintext);
+        #: its data keys live in the key database, never in this one
         self.keyring = keyring
         self.root = Path(settings.path)
         self.dsn = settings.dsn
@@ -448,18 +509,14 @@ class PostgresStore:
         """Connect (a pool of up to ``pool_size`` connections), migrate the
         schema (``create``: also make it in an empty database).
 
-        ``keyring`` (``[store] key_file``): bodies sealed with per-period keys
-        are not implemented for PostgreSQL yet, so a key file is refused
-        rather than bodies being stored in clear against the operator's wish
-        (the caller, :func:`quarantine.store.open_store`, closes the ring)."""
+        ``keyring`` (``[store] key_file``, :func:`quarantine.crypto.open_keyring`
+        with the key database ``[store] key_dsn``): seals new bodies and opens
+        sealed ones, as the SQLite backend does; once opened the store closes
+        it (if opening fails, the caller :func:`quarantine.store.open_store`
+        does)."""
         where = describe_dsn(settings.dsn)
         if not settings.dsn:
             raise StoreError("store.dsn is empty: backend = \"postgresql\" needs a dsn")
-        if keyring is not None:
-            raise StoreError(
-                "store.key_file: body encryption is not implemented for the postgresql"
-                " backend yet; leave key_file empty"
-            )
         instance = settings.instance or socket.gethostname()
         kwargs: dict[str, Any] = {"autocommit": True}
         try:
@@ -490,7 +547,7 @@ class PostgresStore:
             raise StoreError(f"cannot open the store at postgresql {where}: {why}") from None
         store = cls(settings, pool, instance=instance, clock=clock, batch_size=batch_size,
                     flush_interval=flush_interval, anchor_interval=anchor_interval,
-                    retry_max=retry_max)
+                    retry_max=retry_max, keyring=keyring)
         try:
             await store._migrate(create)
             store._outbox_count = await asyncio.to_thread(store.outbox.count)
@@ -540,7 +597,11 @@ class PostgresStore:
         try:
             await self.stop_log_writer()
         finally:
-            await self.pool.close()
+            try:
+                await self.pool.close()
+            finally:
+                if self.keyring is not None:
+                    await self.keyring.close()
 
     async def check(self) -> tuple[bool, str]:
         """For ``mailwarden check``: the backend, database, instance, schema
@@ -562,6 +623,14 @@ class PostgresStore:
             return False, f"{head}: {str(exc).strip()}"
         waiting = self._outbox_count
         extra = f"; log outbox: {waiting} records waiting" if waiting else ""
+        if self.keyring is not None:
+            try:
+                records = await self.keyring.records()
+            except StoreError as exc:
+                return False, f"{head}: {exc}"
+            live = sum(1 for r in records if r.wrapped is not None)
+            extra += (f"; bodies encrypted, key store {self.keyring.where}: {live} live data"
+                      f" keys, {len(records) - live} destroyed")
         return True, f"{head}, database {dbname}, schema v{version}, writable{extra}"
 
     @contextlib.asynccontextmanager
@@ -582,16 +651,47 @@ class PostgresStore:
     # ---------------------------------------------------------------- bodies
 
     async def _put_body(
-        self, conn: psycopg.AsyncConnection[Any], qid: str, path: str, raw: bytes
+        self, conn: psycopg.AsyncConnection[Any], qid: str, path: str, raw: bytes, *,
+        key_id: str, replace: bool = False,
     ) -> None:
-        """Store a message's bytes (inside the caller's transaction)."""
-        await conn.execute("INSERT INTO body (path, id, data) VALUES (%s, %s, %s)",
-                           (path, qid, raw))
+        """Store a message's bytes (inside the caller's transaction): with a
+        key ring, sealed under the data key ``key_id`` (a period, or the item's
+        hold key), bound to the quarantine id, as the SQLite backend seals its
+        files; ``replace`` rewrites an existing body (a hold's re-seal)."""
+        data = raw
+        if self.keyring is not None:
+            data = await self.keyring.seal(key_id, qid.encode(), raw)
+        if replace:
+            await conn.execute("UPDATE body SET data = %s WHERE path = %s", (data, path))
+        else:
+            await conn.execute("INSERT INTO body (path, id, data) VALUES (%s, %s, %s)",
+                               (path, qid, data))
 
-    async def _get_body(self, path: str) -> bytes | None:
-        """A message's bytes, or None when the body is gone."""
+    async def _stored_body(self, path: str) -> bytes | None:
+        """The bytes as stored (sealed or not), or None when the body is gone."""
         row = await self._one("SELECT data FROM body WHERE path = %s", (path,))
         return None if row is None else bytes(row[0])
+
+    async def _get_body(self, item: Mapping[str, Any]) -> bytes | None:
+        """The message bytes of ``item``, opened with the key ring when sealed
+        (:class:`~quarantine.crypto.KeyDestroyed` once its key is gone); a
+        plaintext body (kept before ``key_file`` was set) as it is, told from a
+        sealed one as the SQLite backend does (its recorded SHA-256).  None
+        when the body is gone."""
+        data = await self._stored_body(item["path"])
+        if data is None or not crypto.is_sealed(data):
+            return data
+        if self.keyring is not None:
+            try:
+                return await self.keyring.open(data, str(item["id"]).encode())
+            except (crypto.CryptoError, crypto.KekError):
+                if not await _is_plaintext(data, item):
+                    raise
+                return data
+        if await _is_plaintext(data, item):
+            return data
+        raise StoreError(f"the message body of {item['id']} is encrypted and store.key_file"
+                         " is not set")
 
     # ------------------------------------------------------------ quarantine
 
@@ -642,7 +742,13 @@ class PostgresStore:
                         " SELECT %s, unnest(%s::text[])",
                         (qid, sorted(addrs)),
                     )
-                await self._put_body(conn, qid, path, raw)
+                try:
+                    # sealed under the key of the day it was received (its
+                    # period); the sha256 column stays the plaintext's
+                    await self._put_body(conn, qid, path, raw,
+                                         key_id=crypto.period_of(received))
+                except StoreError as exc:
+                    raise StoreError(f"cannot seal quarantine body: {exc}") from None
         except psycopg.Error as exc:
             raise StoreError(
                 f"cannot record quarantine item in postgresql {self.where}: "
@@ -698,7 +804,7 @@ class PostgresStore:
 
     async def read_body(self, item: Mapping[str, Any]) -> bytes:
         """The stored message bytes (FileNotFoundError when the body is gone)."""
-        data = await self._get_body(item["path"])
+        data = await self._get_body(item)
         if data is None:
             raise FileNotFoundError(f"no body for {item['id']} in postgresql {self.where}")
         return data
@@ -730,15 +836,182 @@ class PostgresStore:
                 (iso(self.clock()), qid),
             )
 
-    async def set_hold(self, qid: str, hold: bool) -> None:
+    async def _reseal_for_hold(self, item: Mapping[str, Any]) -> bool:
+        """Re-encrypt a held item's body under its own key ``hold:<id>``, so it
+        outlives its period's key; whether the body was rewritten."""
+        if self.keyring is None or item["state"] == "deleted":
+            return False
+        qid = str(item["id"])
+        stored = await self._stored_body(item["path"])
+        if stored is None or not crypto.is_sealed(stored):
+            return False  # gone, or kept before encryption was switched on
+        try:
+            if crypto.parse_blob(stored).key_id == crypto.hold_key_id(qid):
+                return False  # done already
+        except crypto.BlobError:
+            pass  # _get_body tells a plaintext that starts like a blob apart
+        plain = await self._get_body(item)
+        if plain is None:
+            return False
         async with self._tx() as conn:
-            await conn.execute("UPDATE quarantine SET hold = %s, updated = %s WHERE id = %s",
-                               (bool(hold), iso(self.clock()), qid))
+            await self._put_body(conn, qid, item["path"], plain,
+                                 key_id=crypto.hold_key_id(qid), replace=True)
+        return True
+
+    async def _destroy_hold_keys(self, ids: Sequence[str]) -> None:
+        if self.keyring is not None and ids:
+            await self.keyring.destroy([crypto.hold_key_id(i) for i in ids])
+
+    async def reseal_held_before(self, cutoff: str) -> list[str]:
+        """Ids of the items under hold received before ``cutoff``, each made
+        sure to be sealed under its own hold key (retention calls this before
+        destroying the period keys; normally ``set_hold`` did it already)."""
+        rows = await self._all(
+            _SELECT + " WHERE received < %s AND hold AND state != 'deleted'"
+            " ORDER BY received, id",
+            (cutoff,),
+        )
+        items = [_item(r) for r in rows]
+        for item in items:
+            await self._reseal_for_hold(item)
+        return [i["id"] for i in items]
+
+    async def set_hold(self, qid: str, hold: bool, *, case: str | None = None,
+                       until: str | None = None) -> None:
+        """Put ``qid`` under hold (naming its ``case``, until ``until`` or
+        indefinitely) or lift it (case and until cleared).  Setting it first
+        re-seals a sealed body under the item's own key (``hold:<id>``),
+        which stays until the item is deleted, erased or purged."""
+        if hold:
+            item = await self.get_item(qid)
+            if item is not None:
+                await self._reseal_for_hold(item)
+        else:
+            case = until = None
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE quarantine SET hold = %s, hold_case = %s, hold_until = %s,"
+                " updated = %s WHERE id = %s",
+                (bool(hold), case, until, iso(self.clock()), qid),
+            )
+
+    async def release_expired_holds(
+        self, now: str, *, dry_run: bool = False
+    ) -> list[tuple[str, str | None, str]]:
+        """(id, case, until) of the holds whose ``until`` is at or before
+        ``now``; unless ``dry_run``, lift them (in the same transaction)."""
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "SELECT id, hold_case, hold_until FROM quarantine WHERE hold"
+                " AND hold_until IS NOT NULL AND hold_until <= %s ORDER BY hold_until, id"
+                " FOR UPDATE",
+                (now,),
+            )
+            rows = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+            if rows and not dry_run:
+                await conn.execute(
+                    "UPDATE quarantine SET hold = false, hold_case = NULL, hold_until = NULL,"
+                    " updated = %s WHERE hold AND id = ANY(%s)",
+                    (now, [r[0] for r in rows]),
+                )
+        return rows
+
+    # ------------------------------------------------- access control
+
+    async def add_access_request(self, request: Mapping[str, Any]) -> None:
+        """Insert an exceptional-access request (keys :data:`REQUEST_COLUMNS`)."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO access_request (id, created, requester, requester_uid, scope_kind,"
+                " scope, ground, case_ref, reason, state, decided, decided_by, decided_uid,"
+                " expires) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [request.get(c) for c in REQUEST_COLUMNS],
+            )
+
+    async def get_access_request(self, rid: str) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
+            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
+            " WHERE id = %s",
+            (rid,),
+        )
+        return None if row is None else dict(zip(REQUEST_COLUMNS, row, strict=True))
+
+    async def access_requests(
+        self, *, requester: str | None = None, scope_kind: str | None = None,
+        scope: Sequence[str] = (), state: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests (oldest first), optionally only ``requester``'s, of one
+        scope kind and scope values, in one stored state."""
+        where: list[str] = []
+        args: list[Any] = []
+        if requester is not None:
+            where.append("requester = %s")
+            args.append(requester)
+        if scope_kind is not None:
+            where.append("scope_kind = %s")
+            args.append(scope_kind)
+        if scope:
+            where.append("scope = ANY(%s)")
+            args.append(list(scope))
+        if state is not None:
+            where.append("state = %s")
+            args.append(state)
+        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
+               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
+               " FROM access_request")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await self._all(sql + " ORDER BY created, id", args)
+        return [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows]
+
+    async def decide_access_request(
+        self, rid: str, *, state: str, decided: str, decided_by: str, decided_uid: int,
+        expires: str | None,
+    ) -> bool:
+        """Approve or deny a *pending* request; False when it was not pending
+        (decided meanwhile: checked inside the updating statement)."""
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "UPDATE access_request SET state = %s, decided = %s, decided_by = %s,"
+                " decided_uid = %s, expires = %s WHERE id = %s AND state = 'pending'",
+                (state, decided, decided_by, decided_uid, expires, rid),
+            )
+            return cur.rowcount == 1
+
+    async def add_export(self, export: Mapping[str, Any]) -> None:
+        """Record an export (keys :data:`EXPORT_COLUMNS`; ``filters`` a mapping)."""
+        values = [export.get(c) for c in EXPORT_COLUMNS]
+        values[EXPORT_COLUMNS.index("filters")] = canonical(dict(export.get("filters") or {}))
+        values[EXPORT_COLUMNS.index("identified")] = bool(export.get("identified"))
+        async with self._tx() as conn:
+            await conn.execute(
+                'INSERT INTO export (id, time, "user", uid, ground, case_ref, filters,'
+                " identified, hmac_key) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                values,
+            )
+
+    async def get_export(self, eid: str) -> dict[str, Any] | None:
+        row = await self._one(
+            'SELECT id, time, "user", uid, ground, case_ref, filters, identified, hmac_key'
+            " FROM export WHERE id = %s",
+            (eid,),
+        )
+        if row is None:
+            return None
+        out = dict(zip(EXPORT_COLUMNS, row, strict=True))
+        try:
+            out["filters"] = json.loads(out["filters"] or "{}")
+        except ValueError:
+            out["filters"] = {}
+        out["identified"] = bool(out["identified"])
+        return out
 
     async def delete_item(self, qid: str) -> bool:
-        """Tombstone the row and delete its body in one transaction; whether a
-        body was removed.  :class:`NotFound`, :class:`OnHold` (checked under
-        the row lock)."""
+        """Tombstone the row and delete its body in one transaction, then
+        destroy the item's hold key (if it has one); whether a body was
+        removed.  :class:`NotFound`, :class:`OnHold` (checked under the row
+        lock)."""
         async with self._tx() as conn:
             cur = await conn.execute(
                 "SELECT hold, path FROM quarantine WHERE id = %s FOR UPDATE", (qid,)
@@ -757,11 +1030,13 @@ class PostgresStore:
             )
             await conn.execute("DELETE FROM quarantine_address WHERE id = %s", (qid,))
             cur = await conn.execute("DELETE FROM body WHERE path = %s", (row[1],))
-            return cur.rowcount > 0
+            removed = cur.rowcount > 0
+        await self._destroy_hold_keys([qid])
+        return removed
 
     async def erase_items(self, ids: Sequence[str]) -> tuple[list[str], int]:
-        """Remove the rows ``ids`` not under hold and their bodies; (removed ids,
-        bodies removed)."""
+        """Remove the rows ``ids`` not under hold and their bodies, then destroy
+        their hold keys; (removed ids, bodies removed)."""
         removed: list[str] = []
         bodies = 0
         for chunk in _chunks(list(ids)):
@@ -780,6 +1055,7 @@ class PostgresStore:
                                              ([r[1] for r in rows],))
                     bodies += cur.rowcount
             removed += gone
+        await self._destroy_hold_keys(removed)
         return removed, bodies
 
     # ----------------------------------------------------- subject access

@@ -96,6 +96,17 @@ class PostgresKeyStore:
         server, if missing) and its tables."""
         if create and data_dsn:
             await _create_database(dsn, data_dsn)
+        elif not create:
+            # one attempt first: a missing key database is said at once, in
+            # libpq's words, not after the pool's timeout
+            try:
+                probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise StoreError(
+                    f"cannot open the key store {describe(dsn)}: {' '.join(str(exc).split())}"
+                    " (`mailwarden serve` with store.key_file set creates it)"
+                ) from None
+            await probe.close()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn, min_size=1, max_size=4, open=False, timeout=10,
             kwargs={"connect_timeout": 10},

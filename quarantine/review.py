@@ -93,6 +93,8 @@ def public(item: dict[str, Any]) -> dict[str, Any]:
         "sha256": item["sha256"],
         "verdicts": item["verdicts"],
         "updated": item["updated"],
+        # the gateway that held it (the shared PostgreSQL store); None on SQLite
+        "instance": item.get("instance"),
     }
 
 

@@ -23,7 +23,8 @@ identified export needs a grant for its --address; a reviewer deletes only
 non-personal items; a hold names its case, shows in ``quarantine list`` and,
 once its ``--until`` has passed, is released by ``purge`` and the item
 purged (in-process on the injected clock, and as real processes with
-libfaketime).
+libfaketime).  Every test runs on both backends (SQLite; PostgreSQL with a
+fresh database per test).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import pytest
 from filters.header_log import address_digest
 from quarantine import store as store_mod
 from quarantine.access import Caller, reset_current, set_current
-from quarantine.store import DB_NAME, Store, addresses_of, iso
+from quarantine.store import DB_NAME, addresses_of, iso
 from tests.support.process import REPO
 
 CLI = [sys.executable, "-m", "cli"]
@@ -97,9 +98,22 @@ class Env:
     """A store with a personal and an ordinary quarantine item and three log
     records, a config without [access], and the CLI in both forms."""
 
-    def __init__(self, root: Path, config: Path, clock: Clock) -> None:
+    def __init__(self, root: Path, config: Path, clock: Clock, dsn: str = "") -> None:
         self.root, self.config, self.clock = root, config, clock
+        #: PostgreSQL's data database ("" on SQLite)
+        self.dsn = dsn
         self.ids: dict[str, str] = {}
+
+    def _rows(self, sqlite_sql: str, pg_sql: str) -> list[dict[str, Any]]:
+        if self.dsn:
+            import psycopg
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
+                return [dict(r) for r in conn.execute(pg_sql)]  # type: ignore[arg-type]
+        with contextlib.closing(sqlite3.connect(self.root / DB_NAME)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sqlite_sql)]
 
     def run(self, *args: str, as_: Caller | None = None) -> Any:
         """The command in-process, for ``as_`` (enforced) or the OS user."""
@@ -121,17 +135,17 @@ class Env:
                               timeout=60, env=env, cwd=REPO)
 
     def audit(self) -> list[dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(self.root / DB_NAME)) as db:
-            db.row_factory = sqlite3.Row
-            rows = [dict(r) for r in db.execute("SELECT * FROM audit ORDER BY seq")]
+        rows = self._rows("SELECT * FROM audit ORDER BY seq",
+                          'SELECT id AS seq, time, "user", uid, command, targets, filters,'
+                          " reason, exceptional, detail, hash FROM audit ORDER BY id")
         for r in rows:
             r["targets"] = json.loads(r["targets"])
             r["detail"] = json.loads(r["detail"])
         return rows
 
     def addresses(self) -> set[str]:
-        with contextlib.closing(sqlite3.connect(self.root / DB_NAME)) as db:
-            return {r[0] for r in db.execute("SELECT address FROM log_address")}
+        return {r["address"] for r in self._rows("SELECT address FROM log_address",
+                                                  "SELECT address FROM log_address")}
 
 
 def caller(user: str, uid: int, *roles: str) -> Caller:
@@ -146,8 +160,8 @@ AUDITOR = caller("aud1", 40005, "auditor")
 IT = caller("it1", 40006, "reviewer")
 
 
-async def _fill(root: Path, clock: Clock) -> dict[str, str]:
-    store = await Store.open(root, clock=clock)
+async def _fill(settings: Any, clock: Clock) -> dict[str, str]:
+    store = await store_mod.open_store(settings, create=True, clock=clock)
     try:
         ids = {}
         for name, subject, personal, body in (
@@ -170,18 +184,26 @@ async def _fill(root: Path, clock: Clock) -> dict[str, str]:
         await store.close()
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     clock = Clock(T0 + timedelta(hours=1))
     root = tmp_path / "store"
     config = tmp_path / "config.toml"
+    dsn = ""
+    backend = ""
+    if request.param == "postgresql":
+        dsn = request.getfixturevalue("pg_server").new_database()
+        backend = f"backend = \"postgresql\"\ndsn = \"{dsn}\"\ninstance = \"cli\"\n"
     config.write_text(
         "[gateway]\ninternal_domains = [\"example.com\"]\nnext_hop = \"127.0.0.1:9\"\n"
-        f"[store]\npath = \"{root}\"\n"
+        f"[store]\npath = \"{root}\"\n{backend}"
         "[filters]\nchain = []\n"
     )
-    e = Env(root, config, clock)
-    e.ids = asyncio.run(_fill(root, clock))
+    e = Env(root, config, clock, dsn)
+    from gateway.config import load_config
+
+    e.ids = asyncio.run(_fill(load_config(config).store, clock))
     real_open = store_mod.open_store
 
     async def open_with_clock(settings: Any, **kw: Any) -> Any:

@@ -1,4 +1,6 @@
-"""The SQLite store with ``[store] key_file`` set: sealed files, holds, purge.
+"""The store with ``[store] key_file`` set: sealed bodies, holds, purge, on
+both backends (SQLite: sealed files, keys in ``keys/datakeys.db``; PostgreSQL:
+sealed ``body`` rows, keys in the key database ``<dbname>_keys``).
 
 Proves: ``open_store`` builds the key ring from ``key_file`` and the store
 writes quarantined files sealed under the key of the day of receipt (the
@@ -19,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from gateway.config import parse_config
@@ -42,10 +45,20 @@ def clock() -> Clock:
     return Clock(T0)
 
 
-def config(tmp_path: Path, key_file: str, **store: Any) -> Any:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``[store]`` keys choosing the backend (PostgreSQL: a fresh database;
+    its key database is made next to it on first open)."""
+    if request.param == "sqlite":
+        return {}
+    dsn = request.getfixturevalue("pg_server").new_database()
+    return {"backend": "postgresql", "dsn": dsn, "instance": "gw1"}
+
+
+def config(tmp_path: Path, key_file: str, backend: dict[str, Any], **store: Any) -> Any:
     return parse_config(
         {"gateway": {"internal_domains": ["example.com"]},
-         "store": {"path": str(tmp_path / "store"), "key_file": key_file, **store},
+         "store": {"path": str(tmp_path / "store"), "key_file": key_file, **backend, **store},
          "filters": {"chain": []}}
     )
 
@@ -57,8 +70,9 @@ def kek_file(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, clock: Clock, kek_file: str) -> AsyncIterator[Store]:
-    s = await open_store(config(tmp_path, kek_file).store, create=True, clock=clock)
+async def store(tmp_path: Path, clock: Clock, kek_file: str,
+                backend: dict[str, Any]) -> AsyncIterator[Store]:
+    s = await open_store(config(tmp_path, kek_file, backend).store, create=True, clock=clock)
     yield s
     await s.close()
 
@@ -79,9 +93,23 @@ async def put(store: Store, clock: Clock, received: datetime, subject: str) -> s
 
 
 async def stored_bytes(store: Store, qid: str) -> bytes:
+    """The body as the backend keeps it: the message file, or the ``body`` row."""
     item = await store.get_item(qid)
     assert item is not None
+    dsn = getattr(store, "dsn", "")
+    if dsn:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT data FROM body WHERE path = %s", (item["path"],))
+            row = await cur.fetchone()
+        assert row is not None
+        return bytes(row[0])
     return files.message_path(store.root, item["path"]).read_bytes()
+
+
+def keys_checkpoint(backend: dict[str, Any]) -> str:
+    """What the key store reports after destroying keys: SQLite truncates its
+    WAL, PostgreSQL rewrites the key table (VACUUM FULL)."""
+    return "vacuumed" if backend else "truncated"
 
 
 async def test_files_are_sealed_under_the_day_of_receipt(store: Store, clock: Clock) -> None:
@@ -98,13 +126,16 @@ async def test_files_are_sealed_under_the_day_of_receipt(store: Store, clock: Cl
 
 
 async def test_plaintext_items_from_before_still_read(tmp_path: Path, clock: Clock,
-                                                      kek_file: str) -> None:
-    plain = await open_store(config(tmp_path, "").store, create=True, clock=clock)
+                                                      kek_file: str,
+                                                      backend: dict[str, Any]) -> None:
+    plain = await open_store(config(tmp_path, "", backend).store, create=True, clock=clock)
     try:
         old = await put(plain, clock, T0, "from before")
     finally:
         await plain.close()
-    sealed = await open_store(config(tmp_path, kek_file).store, clock=clock)
+    # switched on by `serve` (PostgreSQL: it makes the key database then)
+    sealed = await open_store(config(tmp_path, kek_file, backend).store, clock=clock,
+                              create=bool(backend))
     try:
         new = await put(sealed, clock, T0, "from after")
         assert await review.read_message(sealed, await review.get_item(sealed, old)) \
@@ -114,7 +145,7 @@ async def test_plaintext_items_from_before_still_read(tmp_path: Path, clock: Clo
     finally:
         await sealed.close()
     # without the key file a sealed body is refused, in one clear line
-    plain = await open_store(config(tmp_path, "").store, clock=clock)
+    plain = await open_store(config(tmp_path, "", backend).store, clock=clock)
     try:
         with pytest.raises(StoreError, match="encrypted and store.key_file is not set"):
             await review.read_message(plain, await review.get_item(plain, new))
@@ -123,10 +154,11 @@ async def test_plaintext_items_from_before_still_read(tmp_path: Path, clock: Clo
 
 
 async def test_a_bad_key_file_stops_the_store_from_opening(tmp_path: Path, clock: Clock,
-                                                           kek_file: str) -> None:
+                                                           kek_file: str,
+                                                           backend: dict[str, Any]) -> None:
     Path(kek_file).chmod(0o644)
     with pytest.raises(StoreError, match=f"key file {kek_file}: mode 0644"):
-        await open_store(config(tmp_path, kek_file).store, create=True, clock=clock)
+        await open_store(config(tmp_path, kek_file, backend).store, create=True, clock=clock)
 
 
 async def test_hold_reseals_under_its_own_key_until_deleted(store: Store, clock: Clock) -> None:
@@ -145,9 +177,9 @@ async def test_hold_reseals_under_its_own_key_until_deleted(store: Store, clock:
 
 
 async def test_purge_destroys_expired_period_keys_and_reports_them(
-    tmp_path: Path, store: Store, clock: Clock, kek_file: str
+    tmp_path: Path, store: Store, clock: Clock, kek_file: str, backend: dict[str, Any]
 ) -> None:
-    cfg = config(tmp_path, kek_file, retention_days=90)
+    cfg = config(tmp_path, kek_file, backend, retention_days=90)
     old = await put(store, clock, T0, "old")
     older = await put(store, clock, T0 - timedelta(days=1), "older")
     held = await put(store, clock, T0 + timedelta(minutes=5), "held")
@@ -167,7 +199,7 @@ async def test_purge_destroys_expired_period_keys_and_reports_them(
     assert [(p["key_id"], p["fingerprint"]) for p in report["periods_destroyed"]] == [
         ("2026-01-09", before["2026-01-09"]), ("2026-01-10", before["2026-01-10"])]
     assert report["quarantine_items"] == 2 and report["kept_under_hold"] == 1
-    assert report["held_items"] == [held] and report["keys_checkpoint"] == "truncated"
+    assert report["held_items"] == [held] and report["keys_checkpoint"] == keys_checkpoint(backend)
     for qid in (old, older):
         with pytest.raises(KeyDestroyed):
             await store.keyring.open(blobs[qid], qid.encode())
@@ -206,7 +238,7 @@ async def test_erase_destroys_the_hold_keys_of_erased_items(store: Store, clock:
 
 
 async def test_a_plaintext_message_that_looks_like_a_blob_still_reads(
-    tmp_path: Path, clock: Clock, kek_file: str
+    tmp_path: Path, clock: Clock, kek_file: str, backend: dict[str, Any]
 ) -> None:
     """Hostile input: a message whose bytes start like a sealed blob, kept
     before encryption was on, is told apart by its recorded SHA-256."""
@@ -218,13 +250,15 @@ async def test_a_plaintext_message_that_looks_like_a_blob_still_reads(
             helo="mx.test", mail_from="a@ext.test", rcpt_tos=["b@example.com"], headers={},
             reason="attachment_types", detail="", personal=False, verdicts=[])
 
-    plain = await open_store(config(tmp_path, "").store, create=True, clock=clock)
+    plain = await open_store(config(tmp_path, "", backend).store, create=True, clock=clock)
     try:
         qid = await put_raw(plain)
         assert await review.read_message(plain, await review.get_item(plain, qid)) == raw
     finally:
         await plain.close()
-    sealed = await open_store(config(tmp_path, kek_file).store, clock=clock)
+    # switched on by `serve` (PostgreSQL: it makes the key database then)
+    sealed = await open_store(config(tmp_path, kek_file, backend).store, clock=clock,
+                              create=bool(backend))
     try:
         await sealed.keyring.seal("2026-01-10", b"x", b"make the period's key exist")
         assert await review.read_message(sealed, await review.get_item(sealed, qid)) == raw

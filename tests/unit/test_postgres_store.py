@@ -12,8 +12,12 @@ records go to the outbox, which ships exactly once when PostgreSQL is back,
 also from a reopened store and after a crash between commit and outbox rewrite.
 Also: verify while both instances keep appending (no false breaks); check()
 fails on a read-only database; the instance defaults to the host name; an
-unreachable database at open is one StoreError with libpq's reason; a key
-file is refused (bodies are not sealed here yet); retention through
+unreachable database at open is one StoreError with libpq's reason; with a
+key file, bodies are sealed in the ``body`` table (not the plaintext), read
+back by any instance, and their data keys live in the key database, never in
+the data database; a copy of the bodies taken before a purge (what pg_dump
+would hold) cannot be opened after it with everything that remains (KEK,
+key database, data database), while a held item survives; retention through
 quarantine/retention.py purges both chains' prefixes and old anchors and
 everything still verifies; review's integrity check and erasure work across
 instances.
@@ -26,7 +30,7 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +207,8 @@ async def test_check_names_backend_database_instance_and_schema(
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     assert text.startswith("store postgresql ") and f"database {dbname}" in text
     assert "instance gw-a" in text and f"schema v{len(backend.MIGRATIONS)}" in text
-    assert await sql(dsn, "SELECT version FROM schema_version") == [(1,)]
+    assert await sql(dsn, "SELECT version FROM schema_version ORDER BY version") == [
+        (n,) for n in range(1, len(backend.MIGRATIONS) + 1)]
 
 
 async def test_check_fails_on_a_read_only_database(stores: tuple[Open, str]) -> None:
@@ -259,19 +264,127 @@ async def test_missing_schema_without_create(pg_server: PgServer, tmp_path: Path
     assert opened == []
 
 
-async def test_a_key_file_is_refused_until_bodies_are_encrypted(
+# -------------------------------------------------------------- sealing
+
+
+def sealed_settings(tmp_path: Path, dsn: str, instance: str) -> StoreSettings:
+    kek = tmp_path / "kek"
+    if not kek.exists():
+        from quarantine.crypto import write_kek
+
+        write_kek(kek)
+    return StoreSettings(backend="postgresql", dsn=dsn, instance=instance,
+                         path=str(tmp_path / instance), key_file=str(kek),
+                         retention_days=90)
+
+
+async def table_text(dsn: str) -> str:
+    """Every row of every table of a database, as text (bytea as hex)."""
+    tables = await sql(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    out = []
+    for (table,) in tables:
+        out += [r[0] for r in await sql(dsn, f'SELECT t::text FROM "{table}" t')]
+    return "\n".join(out)
+
+
+def plain(subject: str) -> bytes:
+    """The message :func:`hold` keeps."""
+    return (f"From: a@ext.test\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\n"
+            "body\r\n").encode()
+
+
+async def test_sealed_bodies_round_trip_and_the_keys_live_in_the_key_database(
         pg_server: PgServer, tmp_path: Path) -> None:
-    """Fail closed: with store.key_file set the operator expects sealed
-    bodies; this backend does not seal them yet, so it does not open."""
-    from quarantine.crypto import write_kek
+    from quarantine import crypto
+    from quarantine.postgres_keys import keys_dsn
     from quarantine.store import open_store
 
-    write_kek(tmp_path / "kek")
-    settings = StoreSettings(backend="postgresql", dsn=pg_server.new_database(),
-                             instance="gw-a", path=str(tmp_path / "gw-a"),
-                             key_file=str(tmp_path / "kek"))
-    with pytest.raises(StoreError, match="store.key_file"):
-        await open_store(settings, create=True)
+    dsn = pg_server.new_database()
+    a = await open_store(sealed_settings(tmp_path, dsn, "gw-a"), create=True)
+    b = await open_store(sealed_settings(tmp_path, dsn, "gw-b"), create=True)
+    try:
+        qid = await hold(a, "secret words")
+        [(stored,)] = await sql(dsn, "SELECT data FROM body WHERE id = %s", qid)
+        assert b"secret words" not in bytes(stored) and b"From:" not in bytes(stored)
+        assert crypto.parse_blob(bytes(stored)).key_id == "2026-01-10"
+        item = await b.get_item(qid)  # another instance opens it with the shared keys
+        assert item is not None and await b.read_body(item) == plain("secret words")
+        ok, text = await b.check()
+        assert ok and "bodies encrypted" in text and "1 live data keys" in text, text
+
+        key_db = keys_dsn(dsn)
+        [(wrapped,)] = await sql(key_db, "SELECT wrapped FROM datakey WHERE key_id = %s",
+                                 "2026-01-10")
+        assert await sql(dsn, "SELECT to_regclass('datakey'), to_regclass('destroyed')") \
+            == [(None, None)]
+        assert bytes(wrapped).hex() not in await table_text(dsn)
+        assert await sql(key_db, "SELECT count(*) FROM datakey") == [(1,)]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_dump_before_the_purge_cannot_be_opened_after_it(
+        pg_server: PgServer, tmp_path: Path) -> None:
+    """The issue's "dump, purge, try to decrypt the dump with everything that
+    remains", on PostgreSQL: the copy is the ``body`` table as pg_dump reads
+    it; what remains is the KEK file, the key database and the data
+    database.  The held item survives the purge."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from quarantine import crypto, retention, review
+    from quarantine.postgres_keys import keys_dsn
+    from quarantine.store import open_store
+
+    dsn = pg_server.new_database()
+    clock = Clock(T0)
+    settings = sealed_settings(tmp_path, dsn, "gw-a")
+    a = await open_store(settings, create=True, clock=clock)
+    try:
+        old, held = await hold(a, "old words"), await hold(a, "held words")
+        await review.set_hold(a, held, True)
+        clock.now = T0 + timedelta(days=60)
+        new = await hold(a, "new words", clock.now)
+        dump = {r[0]: bytes(r[1]) for r in await sql(dsn, "SELECT id, data FROM body")}
+        assert crypto.parse_blob(dump[held]).key_id == f"hold:{held}"
+
+        clock.now = T0 + timedelta(days=100)
+        cfg = config(tmp_path, dsn, key_file=settings.key_file, retention_days=90)
+        report = await retention.purge(a, cfg, dry_run=False, command="purge")
+        assert [p["key_id"] for p in report["periods_destroyed"]] == ["2026-01-10"]
+        assert report["quarantine_items"] == 1 and report["held_items"] == [held]
+        assert report["keys_checkpoint"] == "vacuumed"
+        assert await sql(dsn, "SELECT id FROM body ORDER BY id") == sorted([(held,), (new,)])
+        # the held item and the newer one still read
+        assert await review.read_message(a, await review.get_item(a, held)) \
+            == plain("held words")
+        assert await review.read_message(a, await review.get_item(a, new)) == plain("new words")
+    finally:
+        await a.close()
+
+    # everything that remains: the KEK, the key database, the data database
+    kek = crypto.load_kek(settings.key_file)
+    ring = await crypto.open_keyring(settings.key_file, tmp_path / "gw-a", create=False,
+                                     dsn=dsn)
+    assert ring is not None
+    try:
+        with pytest.raises(crypto.KeyDestroyed):
+            await ring.open(dump[old], old.encode())
+        assert await ring.open(dump[held], held.encode()) == plain("held words")
+        live = [r for r in await ring.records() if r.wrapped is not None]
+        assert "2026-01-10" not in {r.key_id for r in live}
+    finally:
+        await ring.close()
+    head = crypto.parse_blob(dump[old])
+    for record in live:  # no remaining key opens it, whatever its label
+        key = crypto.unwrap(kek, record.key_id, record.wrapped or b"")
+        with pytest.raises(InvalidTag):
+            AESGCM(key).decrypt(head.nonce, dump[old][head.body_offset:],
+                                head.header + b"\0" + old.encode())
+    assert await sql(keys_dsn(dsn), "SELECT count(*) FROM destroyed WHERE key_id = %s",
+                     "2026-01-10") == [(1,)]
+    assert "old words" not in await table_text(dsn)
 
 
 async def test_an_unreachable_database_is_one_store_error(tmp_path: Path) -> None:
@@ -284,7 +397,34 @@ async def test_an_unreachable_database_is_one_store_error(tmp_path: Path) -> Non
 async def test_concurrent_first_opens_migrate_once(stores: tuple[Open, str]) -> None:
     open_store, dsn = stores
     await asyncio.gather(*(open_store(f"gw{n}") for n in range(4)))
-    assert await sql(dsn, "SELECT version FROM schema_version") == [(1,)]
+    assert await sql(dsn, "SELECT version FROM schema_version ORDER BY version") == [
+        (n,) for n in range(1, len(backend.MIGRATIONS) + 1)]
+
+
+async def test_a_v1_database_migrates_to_access_control(
+        stores: tuple[Open, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made by the first release (schema v1, with an item in it)
+    gets migration 2 at the next open; the item keeps its data and has no
+    hold case; the row keys are the access-control module's."""
+    from quarantine import grants, sqlite
+
+    open_store, dsn = stores
+    full = list(backend.MIGRATIONS)
+    monkeypatch.setattr(backend, "MIGRATIONS", full[:1])
+    old = await open_store("gw-old")
+    qid = await hold(old, "from v1")
+    await old.close()
+    monkeypatch.setattr(backend, "MIGRATIONS", full)
+    new = await open_store("gw-new")
+    assert await sql(dsn, "SELECT max(version) FROM schema_version") == [(len(full),)]
+    item = await new.get_item(qid)
+    assert item is not None and item["subject"] == "from v1"
+    assert (item["hold_case"], item["hold_until"]) == (None, None)
+    await new.set_hold(qid, True, case="C-1", until="2026-02-01T00:00:00.000000Z")
+    assert await new.release_expired_holds("2026-02-01T00:00:00.000000Z") == [
+        (qid, "C-1", "2026-02-01T00:00:00.000000Z")]
+    assert backend.REQUEST_COLUMNS == sqlite.REQUEST_COLUMNS == tuple(grants.REQUEST_KEYS)
+    assert backend.EXPORT_COLUMNS == sqlite.EXPORT_COLUMNS == tuple(grants.EXPORT_KEYS)
 
 
 # ----------------------------------------------------------- driver errors
