@@ -393,7 +393,7 @@ class SQLiteStore:
             # The busy timeout first: another process may be opening (and
             # switching to WAL, migrating) the same store right now.
             await db.execute("PRAGMA busy_timeout=10000")
-            await db.execute("PRAGMA journal_mode=WAL")
+            await _switch_to_wal(db)
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA foreign_keys=ON")
@@ -1495,6 +1495,22 @@ class SQLiteStore:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+
+async def _switch_to_wal(db: aiosqlite.Connection, patience: float = 10.0) -> None:
+    """``PRAGMA journal_mode=WAL``.  While another process switches the same
+    new store, SQLite may answer "database is locked" at once (without the
+    busy handler): try again, for up to ``patience`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 async def _run_script(db: aiosqlite.Connection, script: str) -> None:
