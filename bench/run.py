@@ -70,6 +70,9 @@ BEFORE = "mw-full@before"
 ALL_TARGETS = ("sink", "bare", "bare+uv", "bare+scan", "bare+scan+uv",
                "mw-empty", "mw-empty+uv", "mw-full", "mw-full+uv",
                "mw-full+pg", "mw-full+key", "mw-full+pg+key")
+#: Several serve processes on one port (bench/multi_serve.py; an experiment,
+#: only when named in --targets): "*N" = N processes.
+MULTI_TARGETS = ("mw-empty*2", "mw-full*2")
 #: Added by --peers (bench/peers.py).
 PEER_TARGETS = ("amavis", "clamsmtp")
 
@@ -79,6 +82,7 @@ BASELINE = {
     "mw-full": "bare+scan", "mw-full+uv": "bare+scan+uv",
     "bare+scan": "bare", "bare+scan+uv": "bare+uv",
     BEFORE: "bare+scan",
+    "mw-empty*2": "bare", "mw-full*2": "bare+scan",
     # issue 16: the PostgreSQL store against the SQLite one, same chain
     "mw-full+pg": "mw-full", "mw-full+key": "mw-full", "mw-full+pg+key": "mw-full+key",
 }
@@ -351,7 +355,8 @@ class Target:
             code = env.before_src if self.name == BEFORE else env.src
             assert code is not None
             entry = ([str(BENCH / "uvloop_serve.py")] if uv
-                     else ["-c", console_main(code)])
+                     else [str(BENCH / "multi_serve.py"), "--workers", self.name.split("*")[1]]
+                     if "*" in self.name else ["-c", console_main(code)])
             argv = [py, *entry, "serve", "--config", str(conf)]
         code = env.before_src if self.name == BEFORE else env.src
         assert code is not None
@@ -540,14 +545,25 @@ class Sample:
     source_rc: int = 0
     #: share of the machine's CPU used by processes outside the benchmark
     other_load: float = 0.0
+    #: smtp-source -d: every session sends its messages over one connection
+    reuse: bool = False
+
+    @property
+    def row(self) -> int | str:
+        """The report's "sess" column: the count, or "N reuse"."""
+        return f"{self.sessions} reuse" if self.reuse else self.sessions
 
     @property
     def rate(self) -> float:
         return self.messages / self.wall if self.wall > 0 else 0.0
 
 
-def smtp_source(port: int, path: Path, sessions: int, count: int, timeout: float) -> int:
-    argv = [SMTP_SOURCE, "-A", "-s", str(sessions), "-m", str(count), "-F", str(path),
+def smtp_source(port: int, path: Path, sessions: int, count: int, timeout: float,
+                reuse: bool = False) -> int:
+    """``reuse``: ``-d``, each session keeps its connection for all its messages
+    (otherwise one connection per message)."""
+    argv = [SMTP_SOURCE, "-A", *(["-d"] if reuse else []), "-s", str(sessions),
+            "-m", str(count), "-F", str(path),
             "-f", messages.SENDER, "-t", messages.RECIPIENT, "-M", "source.bench.example",
             f"127.0.0.1:{port}"]
     try:
@@ -594,7 +610,7 @@ def own_ticks(target: int | None, pids: list[int]) -> int:
 
 
 def measure(target: Target, env: Env, path: Path, mset: str, sessions: int,
-            count: int) -> Sample:
+            count: int, reuse: bool = False) -> Sample:
     dead = target.died()
     if dead:
         print(f"  {dead}\n  restarting {target.name}", file=sys.stderr)
@@ -613,7 +629,7 @@ def measure(target: Target, env: Env, path: Path, mset: str, sessions: int,
     busy0, own0 = machine_busy_ticks(), own_ticks(pid, ours)
     t0 = time.perf_counter()
     rc = smtp_source(target.port, path, sessions, count,
-                     timeout=120 + count * (2.0 if mset == "big" else 0.2))
+                     timeout=120 + count * (2.0 if mset == "big" else 0.2), reuse=reuse)
     wall = time.perf_counter() - t0
     busy1, own1 = machine_busy_ticks(), own_ticks(pid, ours)
     other = max(0, (busy1 - busy0) - (own1 - own0)) / (wall * CLK_TCK * (os.cpu_count() or 1))
@@ -635,7 +651,7 @@ def measure(target: Target, env: Env, path: Path, mset: str, sessions: int,
         print(f"  {dead}", file=sys.stderr)
         rc = rc or -2
     return Sample(target.name, mset, sessions, count, wall, arrived - before_sink,
-                  cpu_ms, clamd_ms, rss, dict(disp), rc, other)
+                  cpu_ms, clamd_ms, rss, dict(disp), rc, other, reuse)
 
 
 # ---------------------------------------------------------------------- report
@@ -646,12 +662,13 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize(samples: list[Sample]) -> dict[tuple[str, int, str], dict[str, Any]]:
-    """Median per (set, sessions, target) and ratios."""
-    groups: dict[tuple[str, int, str], list[Sample]] = {}
+def summarize(samples: list[Sample]) -> dict[tuple[str, Any, str], dict[str, Any]]:
+    """Median per (set, sessions, target) and ratios; the sessions of a
+    reuse row are "N reuse"."""
+    groups: dict[tuple[str, Any, str], list[Sample]] = {}
     for s in samples:
-        groups.setdefault((s.mset, s.sessions, s.target), []).append(s)
-    out: dict[tuple[str, int, str], dict[str, Any]] = {}
+        groups.setdefault((s.mset, s.row, s.target), []).append(s)
+    out: dict[tuple[str, Any, str], dict[str, Any]] = {}
     for key, all_runs in groups.items():
         # Runs where smtp-source failed or the target died are shown (⚠) but
         # not averaged, unless no run succeeded.
@@ -694,8 +711,8 @@ def fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def print_table(summary: dict[tuple[str, int, str], dict[str, Any]],
-                order: list[str], sets: list[str], sessions: list[int]) -> None:
+def print_table(summary: dict[tuple[str, Any, str], dict[str, Any]],
+                order: list[str], sets: list[str], sessions: list[Any]) -> None:
     head = ("| set | sess | target | msgs/s | vs baseline | vs sink | ms/msg/session "
             "| CPU ms/msg | clamd ms/msg | peak RSS MB | delivered/sent | other load | dispositions |")
     print(head)
@@ -780,8 +797,8 @@ def print_issue10(summary: dict[tuple[str, int, str], dict[str, Any]], order: li
               + "  [goals: >= 60% of the bare relay + scan, >= 3x amavis, big CPU < amavis]")
 
 
-def print_before_after(summary: dict[tuple[str, int, str], dict[str, Any]],
-                       msets: list[str], sessions: list[int]) -> None:
+def print_before_after(summary: dict[tuple[str, Any, str], dict[str, Any]],
+                       msets: list[str], sessions: list[Any]) -> None:
     """``--before``: the full chain on the old code vs the work tree, cell by cell."""
     rows = [(m, s) for m in msets for s in sessions
             if (m, s, BEFORE) in summary and (m, s, "mw-full") in summary]
@@ -801,13 +818,14 @@ def print_before_after(summary: dict[tuple[str, int, str], dict[str, Any]],
 
 def print_issue16(summary: dict[tuple[str, int, str], dict[str, Any]]) -> None:
     """The store backends side by side (issue 16: PostgreSQL >= 90% of SQLite)."""
-    rows = sorted(k for k in summary if k[2] in ("mw-full+pg", "mw-full+key", "mw-full+pg+key"))
+    rows = sorted((k for k in summary if k[2] in ("mw-full+pg", "mw-full+key", "mw-full+pg+key")),
+                  key=lambda k: (k[0], str(k[1]), k[2]))  # sessions: 20 or "20 reuse"
     if not rows:
         return
     print("\nStore backends (same run, medians; goal: PostgreSQL >= 90% of SQLite):")
     for mset, s, target in rows:
         row = summary[(mset, s, target)]
-        print(f"  {mset:6} x{s:<3} {target:15} {fmt(row['rate'], ',.1f'):>8} msgs/s"
+        print(f"  {mset:6} x{s!s:<8} {target:15} {fmt(row['rate'], ',.1f'):>8} msgs/s"
               f" = {fmt(100 * row['vs_base'] if row['vs_base'] else None, '.0f')}% of"
               f" {row['base']}  (CPU {fmt(row['cpu_ms'], '.2f')} ms/msg)")
 
@@ -923,6 +941,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--matrix", default=",".join(messages.SETS),
                    help="message sets (default: %(default)s)")
     p.add_argument("--sessions", default="1,20", help="parallel sessions (default: %(default)s)")
+    p.add_argument("--reuse", default="20",
+                   help="session counts also measured with connection reuse (smtp-source -d: "
+                        "one connection per session for all its messages), as extra rows "
+                        "'N reuse'; '' for none (default: %(default)s)")
     p.add_argument("--messages", type=int, help="messages per cell (default: per set)")
     p.add_argument("--runs", type=int, help="runs per cell, interleaved (default 3; quick 1)")
     p.add_argument("--cell-seconds", type=float,
@@ -947,10 +969,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if m not in messages.SETS:
             p.error(f"unknown message set {m!r} (known: {', '.join(messages.SETS)})")
     args.sessions = [int(s) for s in args.sessions.split(",") if s]
+    args.reuse = [int(s) for s in args.reuse.split(",") if s]
+    #: the report's session rows: one connection per message, then reuse
+    args.rows = [*args.sessions, *(f"{s} reuse" for s in args.reuse)]
     args.targets = [t for t in args.targets.split(",") if t]
     for t in args.targets:
-        if t not in ALL_TARGETS + PEER_TARGETS:
-            p.error(f"unknown target {t!r} (known: {', '.join(ALL_TARGETS + PEER_TARGETS)})")
+        if t not in ALL_TARGETS + PEER_TARGETS + MULTI_TARGETS:
+            p.error(f"unknown target {t!r} "
+                    f"(known: {', '.join(ALL_TARGETS + PEER_TARGETS + MULTI_TARGETS)})")
     if args.peers:
         args.targets += [t for t in PEER_TARGETS if t not in args.targets]
     if args.before and BEFORE not in args.targets:
@@ -1053,13 +1079,15 @@ def run_matrix(args: argparse.Namespace, env: Env, files: dict[str, Path],
             for t in order:
                 t.start(env)
                 warm_up(t, env, files[mset], mset)
-            for sessions in args.sessions:
+            cells = [(s, False) for s in args.sessions] + [(s, True) for s in args.reuse]
+            for sessions, reuse in cells:
                 for t in order:
                     n = cell_count(args, counts, t, mset, sessions)
                     time.sleep(0.2)  # let the previous target's background work finish
-                    smp = measure(t, env, files[mset], mset, sessions, n)
+                    smp = measure(t, env, files[mset], mset, sessions, n, reuse)
                     samples.append(smp)
-                    print(f"  run {run + 1} {mset:6} s={sessions:<3} {t.name:13} "
+                    print(f"  run {run + 1} {mset:6} s={sessions:<3}{'d' if reuse else ' '} "
+                          f"{t.name:13} "
                           f"{smp.rate:8,.1f} msgs/s  cpu {fmt(smp.cpu_ms, '.2f')} ms/msg  "
                           f"rss {fmt(smp.rss_mb, '.0f')} MB  delivered {smp.delivered}/{n}  "
                           f"other load {smp.other_load:.0%}"
@@ -1075,10 +1103,10 @@ def report(args: argparse.Namespace, samples: list[Sample], elapsed: float) -> b
     print(f"\nmailwarden benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.runs} run(s) per cell "
           f"(medians), {elapsed:.0f} s\ncode: {args.code}\n")
-    print_table(summary, list(args.targets), args.matrix, args.sessions)
+    print_table(summary, list(args.targets), args.matrix, args.rows)
     print_issue2(summary, args.sessions)
     print_issue10(summary, list(args.targets))
-    print_before_after(summary, args.matrix, args.sessions)
+    print_before_after(summary, args.matrix, args.rows)
     print_issue16(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from filters.base import BaseFilter, FilterContext, Verdict
-from gateway.message import Mail, decode_header_value
+from gateway.message import Mail, decode_header_value, simple_address
 
 #: Format of the record's ``time`` (identical to ``quarantine.store.iso``).
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -171,8 +171,9 @@ def addresses(values: Iterable[str | None]) -> list[str]:
     for v in values:
         if not v:
             continue
+        simple = simple_address(v)  # the parser only for what is not plain
         try:
-            pairs = email.utils.getaddresses([v])
+            pairs = email.utils.getaddresses([v]) if simple is None else [("", simple)]
         except Exception:
             continue
         for _, addr in pairs:

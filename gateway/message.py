@@ -17,6 +17,7 @@ import email.utils
 import enum
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,16 +231,37 @@ class Attachment:
         return len(self.payload)
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*"
+#: ``local@domain`` or ``Display Name <local@domain>`` with plain atoms only
+_SIMPLE_ADDRESS = re.compile(rf"({_DOT_ATOM_ADDR})|(?:{_ATOM}(?: {_ATOM})* )?<({_DOT_ATOM_ADDR})>")
+
+
+def simple_address(value: str) -> str | None:
+    """The one address of a plain address value (``a@b.example``, ``Name
+    <a@b.example>``, atoms only): what ``email.utils.getaddresses([value])``
+    finds, without its parser (~20 us).  None for anything else (the caller
+    then parses)."""
+    m = _SIMPLE_ADDRESS.fullmatch(value)
+    if m is None:
+        return None
+    return m.group(1) or m.group(2)
+
+
 def decode_header_value(value: str | None) -> str | None:
     """Decode RFC 2047 encoded words; never raises (bad input is kept as-is)."""
     if value is None:
         return None
-    try:
-        text = str(email.header.make_header(email.header.decode_header(str(value))))
-    except Exception:
-        text = str(value)
+    text = str(value)
+    if "=?" in text:  # without an encoded word the email package returns it as is
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except Exception:
+            pass
     # Unfold and drop control characters that would corrupt one-line logs.
     text = " ".join(text.split())
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
 
 

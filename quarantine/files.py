@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z-]{0,63}$")
@@ -30,12 +31,16 @@ def check_id(qid: str) -> str:
     return qid
 
 
-def ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents) with mode 0700; fix the mode if it exists."""
+def ensure_dir(path: Path) -> bool:
+    """Create ``path`` (and parents) with mode 0700; fix the mode if it exists.
+    True when it had to be created."""
+    created = False
     if not path.is_dir():
         path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        created = True
     if (path.stat().st_mode & 0o777) != DIR_MODE:
         os.chmod(path, DIR_MODE)
+    return created
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,6 +49,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_dirs(root: Path, relatives: Iterable[str]) -> None:
+    """fsync the directories ``root/relative`` (each once): makes the renames
+    of :func:`write_durable` with ``sync_dir=False`` into them durable."""
+    for rel in dict.fromkeys(relatives):
+        _fsync_dir(message_path(root, rel) if rel not in ("", ".") else root)
 
 
 def message_path(root: Path, relative: str) -> Path:
@@ -55,16 +67,29 @@ def message_path(root: Path, relative: str) -> Path:
     return full
 
 
-def write_durable(root: Path, relative: str, data: bytes) -> Path:
-    """Write ``data`` at ``root/relative`` durably (temp, fsync, rename, dir fsync)."""
+def write_durable(root: Path, relative: str, data: bytes, *, sync_dir: bool = True,
+                  ensure: bool = True) -> Path:
+    """Write ``data`` at ``root/relative`` durably (temp, fsync, rename, dir fsync).
+
+    ``sync_dir=False`` leaves the directory's fsync to the caller
+    (:func:`sync_dirs`, once for a batch of files): until then the file's
+    name may not survive a crash.  ``ensure=False`` skips creating (and
+    checking the modes of) the directories when the caller knows they exist;
+    a missing directory is then created after all.
+    """
     final = message_path(root, relative)
     parent = final.parent
-    # Create each level 0700 up from the root.
-    base = root.resolve()
-    for d in reversed([p for p in final.parents if p == base or base in p.parents]):
-        ensure_dir(d)
+    if ensure:
+        _ensure_parents(root, final)
     tmp = parent / f".{final.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, FILE_MODE)
+    except FileNotFoundError:
+        if ensure:
+            raise
+        _ensure_parents(root, final)  # removed meanwhile (retention prunes empty days)
+        fd = os.open(tmp, flags, FILE_MODE)
     try:
         view = memoryview(data)
         while view:
@@ -79,16 +104,28 @@ def write_durable(root: Path, relative: str, data: bytes) -> Path:
             pass
         raise
     os.close(fd)
+    replaced = False
     try:
         os.replace(tmp, final)
-        _fsync_dir(parent)
+        replaced = True
+        if sync_dir:
+            _fsync_dir(parent)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(final if replaced else tmp)  # not kept: no file left either
         except OSError:
             pass
         raise
     return final
+
+
+def _ensure_parents(root: Path, final: Path) -> None:
+    """Create each level 0700 up from the root; a level created now is made
+    durable in its parent (fsync of the parent directory)."""
+    base = root.resolve()
+    for d in reversed([p for p in final.parents if p == base or base in p.parents]):
+        if ensure_dir(d) and d != base:
+            _fsync_dir(d.parent)
 
 
 def read_message(root: Path, relative: str) -> bytes:

@@ -185,11 +185,14 @@ def addresses_of(values: Iterable[str | None]) -> set[str]:
     """Lower-case bare addresses from envelope values and header values."""
     import email.utils
 
+    from gateway.message import simple_address
+
     out: set[str] = set()
     for v in values:
         if not v:
             continue
-        for _, addr in email.utils.getaddresses([v]):
+        simple = simple_address(v)  # the parser only for what is not plain
+        for _, addr in email.utils.getaddresses([v]) if simple is None else [("", simple)]:
             addr = addr.strip().lower()
             if addr:
                 out.add(addr)
