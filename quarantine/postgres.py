@@ -467,7 +467,7 @@ class PostgresStore:
         flush_interval: float = 0.5,
         anchor_interval: float = 60.0,
         pool_timeout: float = 10.0,
-        pool_size: int = 4,
+        pool_size: int = 16,
         retry_max: float = 30.0,
         keyring: KeyRing | None = None,
     ) -> PostgresStore:

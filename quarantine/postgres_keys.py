@@ -108,7 +108,7 @@ class PostgresKeyStore:
                 ) from None
             await probe.close()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            dsn, min_size=1, max_size=4, open=False, timeout=10,
+            dsn, min_size=1, max_size=8, open=False, timeout=10,
             kwargs={"connect_timeout": 10},
         )
         try:
