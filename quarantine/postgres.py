@@ -75,6 +75,7 @@ from quarantine.store import (
     iso,
     new_quarantine_id,
     os_user,
+    sha256_hex,
     utcnow,
 )
 
@@ -682,7 +683,7 @@ class PostgresStore:
         now = self.clock()
         qid = new_quarantine_id(now)
         path = f"pg:{qid}"
-        sha = hashlib.sha256(raw).hexdigest()
+        sha = await sha256_hex(raw)
         addrs = addresses_of(
             [mail_from, *rcpt_tos, headers.get("from"), headers.get("to"), headers.get("cc")]
         )

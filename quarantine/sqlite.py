@@ -55,6 +55,7 @@ from quarantine.store import (
     iso,
     new_quarantine_id,
     os_user,
+    sha256_hex,
     utcnow,
 )
 
@@ -455,7 +456,7 @@ class SQLiteStore:
         qid = new_quarantine_id(now)
         day = f"{MESSAGES_DIR}/{now:%Y/%m/%d}"
         relative = f"{day}/{qid}.eml"
-        sha = hashlib.sha256(raw).hexdigest()
+        sha = await sha256_hex(raw)
         loop = asyncio.get_running_loop()
         data = raw
         if self.keyring is not None:
@@ -463,9 +464,7 @@ class SQLiteStore:
             # bound to its quarantine id; the sha256 column stays the plaintext's
             try:
                 data = await self.keyring.seal(crypto.period_of(received), qid.encode(), raw)
-            except StoreError as exc:
-                raise StoreError(f"cannot seal quarantine file: {exc}") from None
-            except (OSError, aiosqlite.Error) as exc:
+            except (StoreError, OSError, aiosqlite.Error) as exc:
                 raise StoreError(f"cannot seal quarantine file: {exc}") from None
         # Alone (no other hold being written or committed): the directory's
         # fsync goes with the file's, in the same worker job -- no batch to

@@ -42,12 +42,9 @@ def other_user_install() -> Iterator[PortableInstall]:
     install.remove()
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """A private PostgreSQL (Unix socket only) for the whole session; each test
-    takes a fresh database with ``pg_server.new_database()`` (issue 16).
-    Without PostgreSQL installed: a failure in CI (``CI=true``), a visible skip
-    elsewhere."""
+def _pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL (Unix socket only).  Without PostgreSQL installed:
+    a failure in CI (``CI=true``), a visible skip elsewhere."""
     try:
         server = PgServer.create()
     except PgMissing as exc:
@@ -56,6 +53,19 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip(f"PostgreSQL not available: {exc}")
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One server for the whole session; each test takes a fresh database
+    with ``pg_server.new_database()`` (issue 16)."""
+    yield from _pg_server()
+
+
+@pytest.fixture(scope="module")
+def own_pg_server() -> Iterator[PgServer]:
+    """A server of the module's own: its outage tests stop and start it."""
+    yield from _pg_server()
 
 
 @pytest.fixture

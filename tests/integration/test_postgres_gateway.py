@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from quarantine.log import verify
 from quarantine.postgres import OUTBOX_NAME
 from tests.support import attachment_samples as s
 from tests.support.harness import NextHop, make_message
-from tests.support.postgres import PgMissing, PgServer
+from tests.support.postgres import PgServer
 
 INBOUND = {"trusted_networks": ["10.255.255.0/24"]}
-
-
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PgServer]:
-    try:
-        server = PgServer.create()
-    except PgMissing as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    server.cleanup()
 
 
 def log_rows(dsn: str) -> list[str]:
@@ -42,8 +30,8 @@ def log_rows(dsn: str) -> list[str]:
 
 
 def test_outage_451_for_holds_relay_continues_log_ships_after(
-        own_server: PgServer, make_gateway, next_hop: NextHop, tmp_path: Path) -> None:
-    dsn = own_server.new_database()
+        own_pg_server: PgServer, make_gateway, next_hop: NextHop, tmp_path: Path) -> None:
+    dsn = own_pg_server.new_database()
     gw = make_gateway(chain=["attachment_types", "header_log"], gateway=INBOUND,
                       store={"backend": "postgresql", "dsn": dsn, "instance": "gw1"})
     exe = [("tool.exe", "application/octet-stream", s.pe())]
@@ -51,7 +39,7 @@ def test_outage_451_for_holds_relay_continues_log_ships_after(
         code, text = gw.send(make_message(subject="held while up", attachments=exe))
         assert code == 250 and "held for review" in text, text
         gw.flush_log()
-        own_server.stop()
+        own_pg_server.stop()
         code, text = gw.send(make_message(subject="held while down", attachments=exe))
         assert code == 451 and "4.3.0" in text, text
         code, text = gw.send(make_message(subject="clean while down"))
@@ -62,7 +50,7 @@ def test_outage_451_for_holds_relay_continues_log_ships_after(
         waiting = [json.loads(line)["record"]["subject"]
                    for line in outbox.read_text().splitlines()]
         assert "clean while down" in waiting
-        own_server.start()
+        own_pg_server.start()
 
         async def drained() -> None:
             async with asyncio.timeout(180):
@@ -76,5 +64,5 @@ def test_outage_451_for_holds_relay_continues_log_ships_after(
         result = gw.call(verify(gw.store))
         assert result.ok, result.message
     finally:
-        if not own_server.running:
-            own_server.start()
+        if not own_pg_server.running:
+            own_pg_server.start()

@@ -23,7 +23,6 @@ import smtplib
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,11 @@ import pytest
 from quarantine.crypto import write_kek
 from tests.support.eicar import eicar
 from tests.support.harness import NextHop, make_message
-from tests.support.postgres import PgMissing, PgServer
+from tests.support.postgres import PgServer
 from tests.support.process import GatewayProcess, cli, write_config
 
 CHAIN = ["clamav", "personal", "header_log"]
 INBOUND = {"trusted_networks": ["10.255.255.0/24"]}
-
-
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PgServer]:
-    """A server of this module's own: the test stops and starts it."""
-    try:
-        server = PgServer.create()
-    except PgMissing as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    server.cleanup()
 
 
 def message(i: int, kind: str) -> tuple[bytes, str]:
@@ -154,9 +142,9 @@ def wait_records(config: Path, want: int, timeout: float = 240) -> list[dict[str
 
 
 @pytest.mark.timeout(900)  # a 30 s outage, two gateway starts, a loaded machine
-def test_two_gateways_one_postgresql(own_server: PgServer, clamd: Any, next_hop: NextHop,
+def test_two_gateways_one_postgresql(own_pg_server: PgServer, clamd: Any, next_hop: NextHop,
                                      tmp_path: Path) -> None:
-    dsn = own_server.new_database()
+    dsn = own_pg_server.new_database()
     kek = tmp_path / "kek"
     write_kek(kek)
     gateways: list[GatewayProcess] = []
@@ -192,7 +180,7 @@ def test_two_gateways_one_postgresql(own_server: PgServer, clamd: Any, next_hop:
                                              tmp_path / "gw1-restarted.log").start()
 
         # ---- part 2: PostgreSQL stopped for 30 s in the middle of the stream
-        own_server.stop()
+        own_pg_server.stop()
         stopped = time.monotonic()
         down: dict[str, tuple[bytes, int]] = {}
         for i in range(18, 24):
@@ -208,7 +196,7 @@ def test_two_gateways_one_postgresql(own_server: PgServer, clamd: Any, next_hop:
                 assert "held" not in answer[1], answer
         while time.monotonic() - stopped < 30:
             time.sleep(0.5)  # the outage lasts 30 s (a duration, not a synchronisation)
-        own_server.start()
+        own_pg_server.start()
         for mail_from, (raw, i) in down.items():
             sender.deliver(raw, mail_from, first=i)
         for i in range(24, 27):
@@ -248,8 +236,8 @@ def test_two_gateways_one_postgresql(own_server: PgServer, clamd: Any, next_hop:
             assert not any((tmp_path / f"local{n}").glob("log-outbox*")) or all(
                 p.stat().st_size == 0 for p in (tmp_path / f"local{n}").glob("log-outbox*"))
     finally:
-        if not own_server.running:
-            own_server.start()
+        if not own_pg_server.running:
+            own_pg_server.start()
         for gw in gateways:
             if gw.proc is not None and gw.proc.poll() is None:
                 gw.stop()

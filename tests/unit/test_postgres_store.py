@@ -29,7 +29,7 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -463,19 +463,6 @@ async def test_a_driver_error_is_a_store_error(stores: tuple[Open, str]) -> None
 # ------------------------------------------------------------------ outage
 
 
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PgServer]:
-    """A private server: the outage tests stop it, the others keep theirs."""
-    from tests.support.postgres import PgMissing
-
-    try:
-        server = PgServer.create()
-    except PgMissing as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    server.cleanup()
-
-
 async def drained(store: PostgresStore) -> None:
     """Wait until the outbox shipped (each attempt waits for a connection)."""
     async with asyncio.timeout(180):
@@ -484,14 +471,14 @@ async def drained(store: PostgresStore) -> None:
 
 
 async def test_outage_quarantine_fails_log_goes_to_outbox_and_ships_once(
-        own_server: PgServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    dsn = own_server.new_database()
+        own_pg_server: PgServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dsn = own_pg_server.new_database()
     open_store, opened = opener(dsn, tmp_path)
     try:
         a = await open_store("gw-a", pool_timeout=2.0)
         a.append_log(rec(1))
         await a.flush_log()
-        await asyncio.to_thread(own_server.stop)
+        await asyncio.to_thread(own_pg_server.stop)
         with pytest.raises(StoreError, match="cannot record quarantine item"):
             await hold(a, "during outage")
         caplog.set_level(logging.WARNING, "mailwarden.store")
@@ -501,7 +488,7 @@ async def test_outage_quarantine_fails_log_goes_to_outbox_and_ships_once(
         assert a.outbox_pending() == 10
         assert (tmp_path / "gw-a" / OUTBOX_NAME).stat().st_mode & 0o777 == 0o600
         assert any("log outbox" in r.message and "grows" in r.message for r in caplog.records)
-        await asyncio.to_thread(own_server.start)
+        await asyncio.to_thread(own_pg_server.start)
         await drained(a)
         assert a.outbox_pending() == 0 and not (tmp_path / "gw-a" / OUTBOX_NAME).exists()
         assert any("drained: 10 records shipped" in r.message for r in caplog.records)
@@ -514,26 +501,26 @@ async def test_outage_quarantine_fails_log_goes_to_outbox_and_ships_once(
         await a.flush_log()
         assert len(await sql(dsn, "SELECT 1 FROM log")) == 12
     finally:
-        if not own_server.running:
-            own_server.start()
+        if not own_pg_server.running:
+            own_pg_server.start()
         for s in opened:
             await s.close()
 
 
 async def test_outbox_ships_after_reopen_and_exactly_once(
-        own_server: PgServer, tmp_path: Path) -> None:
-    dsn = own_server.new_database()
+        own_pg_server: PgServer, tmp_path: Path) -> None:
+    dsn = own_pg_server.new_database()
     open_store, opened = opener(dsn, tmp_path)
     outbox = tmp_path / "gw-a" / OUTBOX_NAME
     try:
         a = await open_store("gw-a", pool_timeout=2.0)
-        await asyncio.to_thread(own_server.stop)
+        await asyncio.to_thread(own_pg_server.stop)
         for n in range(1, 6):
             a.append_log(rec(n))
         await a.close()  # PostgreSQL still down: the records stay in the outbox
         opened.clear()
         assert len(outbox.read_text().splitlines()) == 5
-        await asyncio.to_thread(own_server.start)
+        await asyncio.to_thread(own_pg_server.start)
         saved = outbox.read_text()
         b = await open_store("gw-a", pool_timeout=2.0)
         assert b.outbox_pending() == 5
@@ -554,8 +541,8 @@ async def test_outbox_ships_after_reopen_and_exactly_once(
         assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
         assert (await verify(c)).ok
     finally:
-        if not own_server.running:
-            own_server.start()
+        if not own_pg_server.running:
+            own_pg_server.start()
         for s in opened:
             await s.close()
 
