@@ -152,20 +152,37 @@ class _Walker:
         """(end of the header block, start of the body) for an entity at ``start``."""
         raw = self.raw
         pos = start
+        last = -1  # where the last header line starts
         while pos < end:
             nl = raw.find(CRLF, pos, end)
             line_end = end if nl < 0 else nl
             if line_end == pos:  # the empty line: dropped, the body follows
+                if self._from_line(start, last, pos):
+                    # The feed parser drops this empty line and makes the From
+                    # line the body's first: a body that is not one stretch of
+                    # the message, and that other readers see otherwise.
+                    raise StructureError("a 'From ' line ends a header block: ambiguous")
                 return pos, min(pos + 2, end)
             if not _HEADER_LINE.match(raw, pos, line_end):
-                return pos, pos  # not a header: the body starts with this line
+                # not a header: the body starts with this line
+                return self._from_line(start, last, pos) or (pos, pos)
             self.header_lines += 1
             if self.header_lines > self.max_header_lines:
                 raise StructureError(f"more than {self.max_header_lines} header lines")
+            last = pos
             if nl < 0:
-                return end, end
+                return self._from_line(start, last, end) or (end, end)
             pos = nl + 2
-        return end, end
+        return self._from_line(start, last, end) or (end, end)
+
+    def _from_line(self, start: int, last: int, stop: int) -> tuple[int, int] | None:
+        """The feed parser's rule for a ``From `` line that ends a header
+        block (other than its first line): it is the body's first line, so
+        the header block ends before it and the body starts with it (and
+        with whatever ended the block)."""
+        if last > start and self.raw.startswith(b"From ", last):
+            return last, last
+        return None
 
     def entity(self, start: int, end: int, level: int, default_type: str | None = None) -> Node:
         self.parts += 1
