@@ -132,6 +132,8 @@ class GatewaySettings:
     max_sessions: int = field(default=200, metadata=_check(positive))
     #: seconds to wait for the next hop (connect, each command, DATA)
     next_hop_timeout: float = field(default=60.0, metadata=_check(positive))
+    #: seconds an idle next-hop connection is kept for the next session (0 = off)
+    next_hop_cache_time: float = field(default=2.0, metadata=_check(non_negative))
     #: idle seconds before a client session is closed
     session_timeout: float = field(default=300.0, metadata=_check(positive))
     #: seconds SIGTERM waits for sessions in flight before closing them

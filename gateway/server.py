@@ -41,7 +41,7 @@ from gateway import replies
 from gateway.config import Config, parse_hostport
 from gateway.message import MAX_HEADER_LINES, Direction, Mail, header_lines
 from gateway.pipeline import HoldFailed, Pipeline, Result, build_chain
-from gateway.relay import NextHopFailure, Relay
+from gateway.relay import ConnectionCache, NextHopFailure, Relay
 
 log = logging.getLogger("mailwarden.server")
 
@@ -265,11 +265,11 @@ class GatewaySMTP(SMTP):
         if isinstance(session, GatewaySession) and session.relay is not None:
             relay = session.relay
             if session.processing is not None and not session.processing.done():
-                # The message is being finished on the client's behalf: close the
-                # next-hop connection only once that transaction is complete.
-                session.processing.add_done_callback(lambda _f: relay.close())
+                # The message is being finished on the client's behalf: let the
+                # next-hop connection go only once that transaction is complete.
+                session.processing.add_done_callback(lambda _f: _let_go(relay))
             else:
-                relay.close()
+                _let_go(relay)
         self.gateway.sessions.discard(self)
         super().connection_lost(error)
 
@@ -520,7 +520,8 @@ class Handler:
         if session.relay is None:
             cfg = self.gateway.state.config.gateway
             session.relay = Relay(
-                cfg.next_hop, timeout=cfg.next_hop_timeout, helo_name=cfg.hostname
+                cfg.next_hop, timeout=cfg.next_hop_timeout, helo_name=cfg.hostname,
+                cache=self.gateway.next_hop_cache,
             )
         return session.relay
 
@@ -676,6 +677,13 @@ async def proxy_message(pipeline: Pipeline, mail: Mail, relay: Relay) -> Result:
     return pipeline.done(mail, decision, disposition, reply, qid)
 
 
+def _let_go(relay: Relay) -> None:
+    """A session's next-hop connection when the session is gone: to the
+    cache when no transaction is open there, else closed."""
+    if not relay.release():
+        relay.close()
+
+
 def _finish_done(task: asyncio.Future[Any]) -> None:
     """Done-callback: the pending bookkeeping of a processing task whose
     session ended before it did."""
@@ -707,6 +715,8 @@ class Gateway:
         self.closing = False
         self.server: asyncio.base_events.Server | None = None
         self.milter: Any = None  # gateway.milter.server.MilterServer when [milter] listen is set
+        #: idle next-hop connections, reused by the next session (gateway/relay.py)
+        self.next_hop_cache = ConnectionCache(config.gateway.next_hop_cache_time)
         self.state = State(config, self._pipeline(config))
         self.started = time.time()
 
@@ -818,6 +828,7 @@ class Gateway:
             log.warning("[milter] changed: takes effect on restart only")
         self.state = State(config, self._pipeline(config))
         self._tls = self._tls_context()
+        self.next_hop_cache.idle_time = config.gateway.next_hop_cache_time
         log.info("configuration reloaded; chain %s", ",".join(config.chain) or "(empty)")
         # Let messages in flight finish on the old chain before closing it.
         if self.in_flight:
@@ -860,6 +871,7 @@ class Gateway:
             await self.server.wait_closed()
         if self.milter is not None:
             await self.milter.wait_closed()
+        self.next_hop_cache.close()
         await self.state.pipeline.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

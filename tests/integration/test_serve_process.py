@@ -103,6 +103,7 @@ def test_sighup_with_bad_config_keeps_serving(served, next_hop, tmp_path):
         ("[gateway]\nlisten = \"nope\"", "gateway.listen: bad address"),
         ("[gateway]\nmax_sessions = \"many\"", "gateway.max_sessions: expected an integer"),
         ("[gateway]\ntrusted_networks = [\"10.0.0.0/33\"]", "gateway.trusted_networks: bad network"),
+        ("[gateway]\nnext_hop_cache_time = -1", "gateway.next_hop_cache_time: must not be negative"),
         ("[filters]\nchain = [\"clamav\", \"antispam\"]", "filters.chain: unknown filter 'antispam'"),
         ("[filters.clamv]\naction = \"reject\"", "filters.clamv: unknown key"),
         ("[bogus]\nx = 1", "bogus: unknown key"),

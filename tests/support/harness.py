@@ -52,7 +52,28 @@ class Received:
 
 
 class _RecordingSMTP(AioSMTP):
-    """aiosmtpd with XFORWARD support, for the next hop's side."""
+    """aiosmtpd with XFORWARD support, for the next hop's side; counts its
+    connections and QUITs, and keeps the live ones (see ``NextHop.drop``)."""
+
+    def __init__(self, handler: _NextHopHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.nh = handler.nh
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.nh.connections += 1
+        self.nh.live.add(self)
+        self.nh.notify()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.nh.live.discard(self)
+        self.nh.notify()
+        super().connection_lost(error)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.nh.quits += 1
+        self.nh.notify()
+        await super().smtp_QUIT(arg)
 
     async def smtp_XFORWARD(self, arg: str) -> None:
         xf = getattr(self.session, "xforward", {})
@@ -83,12 +104,18 @@ class NextHop:
         self.messages: list[Received] = []
         self.rcpt_replies: dict[str, str] = {}
         self.mail_reply: str | None = None
+        #: the reply to the next MAIL only (then back to normal)
+        self.mail_reply_once: str | None = None
         self.data_reply: str | None = None
         self.drop_on_data = False
         self.delay = 0.0
         self.hold: threading.Event | None = None
         self.advertise_xforward = xforward
         self.sessions = 0
+        #: TCP connections accepted, QUITs received, connections open now
+        self.connections = 0
+        self.quits = 0
+        self.live: set[_RecordingSMTP] = set()
         #: end-of-data received (before any delay/answer): a test can wait on it
         self.data_started = threading.Event()
         #: ends of data answered (or dropped), after any delay or hold
@@ -119,7 +146,8 @@ class NextHop:
         self.port = self._lt.call(go())
 
     def stop_listening(self) -> None:
-        """Next hop down: close the listener (the port stays known)."""
+        """Next hop down: close the listener and every open connection (the
+        port stays known)."""
         async def go() -> None:
             if self._server is not None:
                 self._server.close()
@@ -127,6 +155,24 @@ class NextHop:
                 self._server = None
 
         self._lt.call(go())
+        self.drop()
+
+    def drop(self) -> None:
+        """Close every open connection from the next hop's side (a restart,
+        an idle timeout), listener untouched; returns once they are closed."""
+        async def go() -> None:
+            for conn in list(self.live):
+                if conn.transport is not None:
+                    conn.transport.close()
+
+        self._lt.call(go())
+        self.wait_until(lambda: not self.live, "connections closed")
+
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        """Until ``predicate()`` holds (checked on every change); raises naming ``what``."""
+        with self._changed:
+            if not self._changed.wait_for(predicate, timeout):
+                raise AssertionError(f"next hop: not {what} after {timeout} s")
 
     def stop(self) -> None:
         if self.hold is not None:
@@ -167,6 +213,9 @@ class _NextHopHandler:
 
     async def handle_MAIL(self, server: Any, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if self.nh.mail_reply_once:
+            reply, self.nh.mail_reply_once = self.nh.mail_reply_once, None
+            return reply
         if self.nh.mail_reply:
             return self.nh.mail_reply
         envelope.mail_from = address
