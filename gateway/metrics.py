@@ -21,6 +21,9 @@ mail flowing, what happens to it, and is anything it depends on failing.
       out or lost (mailwarden's ``451 4.4.x``) at DATA, and at MAIL/RCPT when
       the server reports those through :meth:`Metrics.next_hop_failed`;
     - ``mailwarden_sessions_in_flight``: SMTP sessions open now;
+    - ``mailwarden_next_hop_idle_connections`` and
+      ``mailwarden_next_hop_connections_reused``: next-hop connections in the
+      cache now, and sessions that started on a cached one since start;
     - ``mailwarden_quarantine_items`` and ``mailwarden_quarantine_bytes``:
       messages held, read from the store at a scrape when the cached value is
       5 s old or a message was held since;
@@ -153,6 +156,16 @@ class Metrics:
             "mailwarden_sessions_in_flight", "SMTP client sessions open now.", registry=r
         )
         self.sessions.set_function(self._session_count)
+        self.next_hop_idle = Gauge(
+            "mailwarden_next_hop_idle_connections",
+            "Idle next-hop connections kept for the next session.", registry=r,
+        )
+        self.next_hop_idle.set_function(lambda: float(self._cache_stat("idle_count")))
+        self.next_hop_reused = Gauge(
+            "mailwarden_next_hop_connections_reused",
+            "Sessions that started on a cached next-hop connection since start.", registry=r,
+        )
+        self.next_hop_reused.set_function(lambda: float(self._cache_stat("reused")))
         self.quarantine_items = Gauge(
             "mailwarden_quarantine_items", "Messages held in quarantine.", registry=r
         )
@@ -190,6 +203,13 @@ class Metrics:
     def current_config(self) -> Config:
         """The running gateway's config (it changes on reload), else the initial one."""
         return self.gateway.config if self.gateway is not None else self.config
+
+    def _cache_stat(self, name: str) -> int:
+        cache = getattr(self.gateway, "next_hop_cache", None)
+        if cache is None:
+            return 0
+        value = getattr(cache, name)
+        return int(value() if callable(value) else value)
 
     def _session_count(self) -> float:
         return float(len(self.gateway.sessions)) if self.gateway is not None else 0.0

@@ -108,6 +108,9 @@ def test_metrics_move_and_healthz_follows_dependencies(
         assert value(m1, "mailwarden_quarantine_items") == 1
         assert value(m1, "mailwarden_quarantine_bytes") > 0
         assert value(m1, "mailwarden_sessions_in_flight") == 1
+        # the sessions after the first started on its next-hop connection
+        assert value(m1, "mailwarden_next_hop_connections_reused") >= 1
+        assert value(m1, "mailwarden_next_hop_idle_connections") <= 1
 
         status, ctype, body = get(f"{base}/healthz")
         report = json.loads(body)
