@@ -606,6 +606,21 @@ class AttachmentTypesFilter(BaseFilter):
         facts["type"] = mime
         return report
 
+    def check_now(self, mail: Mail) -> Verdict | None:
+        """The verdict for a parsed message with no attachment (or whose
+        structure cannot be parsed); None when there are attachments to look
+        at (in the thread pool)."""
+        if not mail.prepared:
+            return None
+        try:
+            attachments, _raw_names = _collect(mail)
+        except ParseError as exc:
+            hit = Hit("(message)", "unscannable", f"MIME structure not parseable ({exc})")
+            return self._held([hit], [], [])
+        if not attachments:
+            return Verdict.relay(self.name, attachments=(), true_types=True)
+        return None
+
     async def check(self, mail: Mail) -> Verdict:
         """Check every attachment of ``mail`` in the filter's thread pool."""
         loop = asyncio.get_running_loop()

@@ -308,6 +308,11 @@ class Filter(Protocol):
         (:meth:`log_record`) once the message's outcome is known.
     ``health_check``  (default None) the name under which :meth:`health`
         reports its dependency (``/healthz``, ``mailwarden check``).
+
+    :meth:`check_now` (default: None, always) is the filter's answer when it
+    can give it at once, without waiting for anything (CPU work of
+    microseconds, nothing blocking): the pipeline then runs no task and no
+    deadline for it.  None: the pipeline awaits :meth:`check`.
     """
 
     name: ClassVar[str]
@@ -321,6 +326,10 @@ class Filter(Protocol):
 
     async def check(self, mail: Mail) -> Verdict:
         """Inspect ``mail`` (never mutate it) and return a verdict."""
+        ...
+
+    def check_now(self, mail: Mail) -> Verdict | None:
+        """The verdict when it needs no waiting (see the class docstring), else None."""
         ...
 
     async def aclose(self) -> None:
@@ -350,6 +359,10 @@ class BaseFilter:
     scanner: ClassVar[bool] = False
     writes_log: ClassVar[bool] = False
     health_check: ClassVar[str | None] = None
+
+    def check_now(self, mail: Mail) -> Verdict | None:
+        """No answer without waiting: the pipeline awaits :meth:`check`."""
+        return None
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -270,22 +270,35 @@ class ExternalAttachmentsFilter(BaseFilter):
 
     async def check(self, mail: Mail) -> Verdict:
         """Verify DKIM, classify the sender, and return the edits."""
-        if mail.direction != Direction.INBOUND:
-            return Verdict.relay(self.name)
-        # Unsigned mail (most of it) is answered from the header block: no
-        # DKIM parse, and no process pool started for a large message.
+        now = self.check_now(mail)
+        if now is not None:
+            return now
         results: tuple[dkim_check.SignatureResult, ...] = ()
         if dkim_check.has_signature(mail.raw):
             results = await dkim_check.verify_dkim(
                 mail.raw, self.lookup, self.ctx.executor, timeout=self.settings.dns_timeout,
                 processes=self.processes(len(mail.raw)),
             )
-        sender = self.classify(mail, results)
-        extra: list[str] = []
         arc_status: str | None = None
         if self.arc_key is not None and dkim_check.has_arc_chain(mail.raw):
             arc_status = await self._arc_status(mail.raw)
-            extra.append(f"arc={arc_status}")
+        return self._verdict(mail, results, arc_status)
+
+    def check_now(self, mail: Mail) -> Verdict | None:
+        """The verdict for mail that is not inbound, or inbound with no DKIM
+        signature and no ARC chain to check (most of it: answered from the
+        header block, no DNS); None when there is a signature to verify."""
+        if mail.direction != Direction.INBOUND:
+            return Verdict.relay(self.name)
+        if dkim_check.has_signature(mail.raw) or (
+                self.arc_key is not None and dkim_check.has_arc_chain(mail.raw)):
+            return None
+        return self._verdict(mail, (), None)
+
+    def _verdict(self, mail: Mail, results: tuple[dkim_check.SignatureResult, ...],
+                 arc_status: str | None) -> Verdict:
+        sender = self.classify(mail, results)
+        extra: list[str] = [] if arc_status is None else [f"arc={arc_status}"]
         hostname = self.ctx.hostname
         edits: list[Edit] = [
             RemoveHeader(AUTH_RESULTS, first_token=hostname),

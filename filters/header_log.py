@@ -205,13 +205,23 @@ class HeaderLogFilter(BaseFilter):
         attachment) are computed here, in the thread pool and concurrently
         with the other filters, so that :meth:`build_record`, which runs on
         the event loop once the outcome is known, has nothing heavy to do."""
+        now = self.check_now(mail)
+        if now is not None:
+            return now
+        loop = asyncio.get_running_loop()
+        return self._verdict_of(
+            *await loop.run_in_executor(self.ctx.executor, self.describe, mail))
+
+    def check_now(self, mail: Mail) -> Verdict | None:
+        """The verdict when there is nothing to describe or the message is
+        parsed (and its attachments hashed) already; else None."""
         if not self.settings.log_attachments:
             return Verdict.relay(self.name)
         if mail.prepared:
-            described, error = self.describe(mail)  # parsed and hashed already: cheap
-        else:
-            loop = asyncio.get_running_loop()
-            described, error = await loop.run_in_executor(self.ctx.executor, self.describe, mail)
+            return self._verdict_of(*self.describe(mail))  # cheap: parsed and hashed
+        return None
+
+    def _verdict_of(self, described: list[dict[str, Any]], error: str | None) -> Verdict:
         if error:
             return Verdict.relay(self.name, attachments_error=error)
         return Verdict.relay(self.name, attachments=tuple(described))

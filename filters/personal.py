@@ -136,6 +136,10 @@ class PersonalFilter(BaseFilter):
 
     async def check(self, mail: Mail) -> Verdict:
         """Relay always; personal mail gets the header and ``personal``."""
+        return self.check_now(mail)
+
+    def check_now(self, mail: Mail) -> Verdict:
+        """:meth:`check`'s verdict: headers only, nothing to wait for."""
         edits: list[Edit] = []
         if mail.headers.get(HEADER) is not None:
             edits.append(RemoveHeader(HEADER))

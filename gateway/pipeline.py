@@ -245,37 +245,80 @@ class Pipeline:
             verdict = _failed(f, "filter returned no verdict")
         return verdict, time.perf_counter() - start
 
+    def _now(self, f: Filter, mail: Mail) -> Verdict | None:
+        """``f.check_now(mail)`` with :meth:`_run_one`'s failure handling."""
+        try:
+            verdict = f.check_now(mail)
+        except ParseError as exc:
+            return Verdict.quarantine(f.name, f"unparseable: {exc}", unparseable=True)
+        except Exception as exc:
+            log.exception("filter %s failed on %s", f.name, mail.queue_id)
+            return _failed(f, f"filter error: {exc.__class__.__name__}")
+        if verdict is not None and not isinstance(verdict, Verdict):
+            return _failed(f, "filter returned no verdict")
+        return verdict
+
     async def run_filters(self, mail: Mail, parse: bool = False
                           ) -> tuple[list[Verdict], dict[str, float]]:
         """Run the chain concurrently.
 
+        A filter that can answer at once (``check_now``) is answered on the
+        spot: no task, no deadline (most filters on most mail); the others
+        run as tasks under the per-message deadline.
+
         ``parse``: parse the MIME structure once for all filters.  A filter
         that reads it (``reads_mime``) starts once the parse is done; the
-        others (clamav: the raw bytes; personal: headers) start at once, so
+        others (clamav: the raw bytes; personal: headers) start first, so
         clamd scans while the message is parsed.  The parse runs on the loop
         for a message of up to :data:`ON_LOOP_BYTES` bytes with few lines and
         parts (well under a millisecond: cheaper than a hop to a worker
         thread and back), in a worker thread otherwise (~40 ms for 6.7 MB
         would stall every other session)."""
-        deadline = self.config.gateway.filter_timeout
-        if not self.filters:
+        filters = self.filters
+        if not filters:
             return [], {}
-        loop = asyncio.get_running_loop()
-        prepared: asyncio.Future[None] | None = loop.create_future() if parse else None
-        tasks = [asyncio.ensure_future(self._run_one(f, mail, deadline, prepared))
-                 for f in self.filters]
-        if prepared is not None:
+        deadline = self.config.gateway.filter_timeout
+        verdicts: list[Verdict | None] = [None] * len(filters)
+        times = [0.0] * len(filters)
+        tasks: dict[int, asyncio.Future[tuple[Verdict, float]]] = {}
+
+        def start(i: int, f: Filter, prepared: asyncio.Future[None] | None) -> None:
+            if prepared is None:
+                began = time.perf_counter()
+                verdict = self._now(f, mail)
+                if verdict is not None:
+                    verdicts[i] = verdict
+                    times[i] = time.perf_counter() - began
+                    return
+            tasks[i] = asyncio.ensure_future(self._run_one(f, mail, deadline, prepared))
+
+        for i, f in enumerate(filters):
+            if not parse or not f.reads_mime:
+                start(i, f, None)
+        if parse:
             if mail.size <= ON_LOOP_BYTES and _few_parts(mail.raw):
-                await asyncio.sleep(0)  # the filters that need no parse start first
+                if tasks:
+                    await asyncio.sleep(0)  # the started tasks take their first step first
                 mail.prepare()
-                prepared.set_result(None)
+                for i, f in enumerate(filters):
+                    if f.reads_mime:
+                        start(i, f, None)
             else:
+                loop = asyncio.get_running_loop()
+                prepared: asyncio.Future[None] = loop.create_future()
+                for i, f in enumerate(filters):
+                    if f.reads_mime:
+                        start(i, f, prepared)
                 work = loop.run_in_executor(self.executor, mail.prepare)
                 work.add_done_callback(lambda _f: prepared.done() or prepared.set_result(None))
-        results = await asyncio.gather(*tasks)
-        verdicts = [r[0] for r in results]
-        times = {f.name: r[1] for f, r in zip(self.filters, results, strict=True)}
-        return verdicts, times
+        if tasks:
+            for i, (verdict, took) in zip(tasks, await asyncio.gather(*tasks.values()),
+                                          strict=True):
+                verdicts[i] = verdict
+                times[i] = took
+        done = [v for v in verdicts if v is not None]
+        assert len(done) == len(filters)
+        return done, {f.name: t for f, t in zip(filters, times, strict=True)}
 
     # ------------------------------------------------------------- decide
 

@@ -155,6 +155,48 @@ async def test_a_filter_that_raises_is_a_tempfail_naming_it(
     assert d.verdicts[1].detail == "filter error: RuntimeError"
 
 
+class Now(BaseFilter):
+    """A filter that answers at once (``check_now``); ``check`` must not run."""
+
+    Settings: ClassVar[type] = dict
+
+    def __init__(self, name: str, answer: Verdict | BaseException | None,
+                 *, reads_mime: bool = True) -> None:
+        self.name = name  # type: ignore[misc]
+        self.answer = answer
+        self.reads_mime = reads_mime  # type: ignore[misc]
+        self.awaited = 0
+
+    def check_now(self, mail: Mail) -> Verdict | None:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+    async def check(self, mail: Mail) -> Verdict:
+        self.awaited += 1
+        return Verdict.relay(self.name, detail="awaited")
+
+
+async def test_check_now_answers_without_check_and_fails_closed_like_it(
+        pipeline: Callable[..., Pipeline]) -> None:
+    now = Now("now", Verdict.relay("now", edits=(AddHeader("X-N", "1"),)))
+    later = Now("later", None)  # no answer at once: check() is awaited
+    broken = Now("broken", RuntimeError("boom"), reads_mime=False)
+    odd = Now("odd", ParseError("no structure"))
+    p = pipeline(now, later, broken, odd)
+    m = mail(make_message(attachments=[("a.pdf", "application/pdf", b"%PDF-1.4")]))
+    assert m.needs_parsing
+    d = await p.decide(m)
+    assert [v.filter for v in d.verdicts] == ["now", "later", "broken", "odd"]  # chain order
+    assert (now.awaited, later.awaited, broken.awaited) == (0, 1, 0)
+    assert d.verdicts[1].detail == "awaited"
+    assert d.verdicts[2].outcome is Outcome.TEMPFAIL
+    assert d.verdicts[2].detail == "filter error: RuntimeError"
+    assert d.verdicts[3].outcome is Outcome.QUARANTINE and d.verdicts[3].unparseable
+    assert set(d.filter_times) == {"now", "later", "broken", "odd"}
+    assert d.outcome is Outcome.TEMPFAIL
+
+
 async def test_a_scanner_that_fails_leaves_the_message_unscanned(
         pipeline: Callable[..., Pipeline]) -> None:
     never = asyncio.Event()
