@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -89,8 +89,19 @@ class State:
         self.networks = [
             ipaddress.ip_network(n, strict=False) for n in config.gateway.trusted_networks
         ]
+        self._trusted: dict[str, bool] = {}
 
     def trusted(self, addr: str) -> bool:
+        """Whether ``addr`` is in ``trusted_networks`` (remembered per address:
+        the same few MTAs connect all day)."""
+        known = self._trusted.get(addr)
+        if known is None:
+            if len(self._trusted) >= 4096:
+                self._trusted.clear()
+            known = self._trusted[addr] = self._is_trusted(addr)
+        return known
+
+    def _is_trusted(self, addr: str) -> bool:
         try:
             ip = ipaddress.ip_address(addr.split("%", 1)[0])
         except ValueError:
@@ -142,6 +153,8 @@ class _Tables:
             self.hooks.append((name, self._func(hook, handler)))
         for name, method in server._smtp_methods.items():
             self.smtp.append((name, self._func(method, server)))
+        self.hooks_by_name = dict(self.hooks)
+        self.smtp_by_name = dict(self.smtp)
 
     def _func(self, value: Any, owner: Any) -> Any:
         # Only methods bound to the instance can be re-bound to the next one.
@@ -149,6 +162,34 @@ class _Tables:
             self.usable = False
             return None
         return value.__func__
+
+
+class _Bound(Mapping[str, Any]):
+    """A name -> method table bound to ``obj`` on lookup: aiosmtpd's
+    ``_smtp_methods``/``_handle_hooks`` without binding some thirty methods
+    per connection of which a session calls five (same keys, same order)."""
+
+    __slots__ = ("_funcs", "_obj")
+
+    def __init__(self, funcs: dict[str, Any], obj: Any) -> None:
+        self._funcs = funcs
+        self._obj = obj
+
+    def __getitem__(self, name: str) -> Any:
+        return types.MethodType(self._funcs[name], self._obj)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        func = self._funcs.get(name)
+        return default if func is None else types.MethodType(func, self._obj)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._funcs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._funcs)
+
+    def __len__(self) -> int:
+        return len(self._funcs)
 
 
 class GatewaySMTP(SMTP):
@@ -237,9 +278,9 @@ class GatewaySMTP(SMTP):
             aiosmtpd_smtp.log.info("Available AUTH mechanisms: " + " ".join(
                 m + "(builtin)" if impl.is_builtin else m
                 for m, impl in sorted(self._auth_methods.items())))
-        self._handle_hooks = {name: types.MethodType(f, handler) for name, f in tables.hooks}
+        self._handle_hooks = _Bound(tables.hooks_by_name, handler)
         self._ehlo_hook_ver = tables.ehlo_hook_ver
-        self._smtp_methods = {name: types.MethodType(f, self) for name, f in tables.smtp}
+        self._smtp_methods = _Bound(tables.smtp_by_name, self)
         self._enforce_call_limit = False
 
     def _create_session(self) -> Session:

@@ -4,6 +4,7 @@ object as aiosmtpd's own ``__init__`` (same attributes, same method tables)."""
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -40,8 +41,8 @@ def _comparable(obj: GatewaySMTP) -> dict[str, Any]:
         if key in ("_stream_reader", "_stream_reader_wr", "_closed", "_loop",
                    "_over_ssl", "_strong_reader", "_reject_connection", "_task"):
             continue
-        if isinstance(value, dict) and key in ("_auth_methods", "_handle_hooks",
-                                               "_smtp_methods"):
+        if isinstance(value, Mapping) and key in ("_auth_methods", "_handle_hooks",
+                                                  "_smtp_methods"):
             value = {k: _unbound(v) for k, v in value.items()}
             value = (list(value), value)  # the order counts too (EHLO, HELP list them)
         elif isinstance(value, types.MethodType):
