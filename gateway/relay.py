@@ -197,10 +197,12 @@ class Relay:
     def connected(self) -> bool:
         return self._client is not None and self._client.is_connected
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self, *, fresh: bool = False) -> aiosmtplib.SMTP:
+        """The session's connection: its own, else a cached one (unless
+        ``fresh``), else a new one."""
         if self._client is not None and self._client.is_connected:
             return self._client
-        if self.cache is not None:
+        if self.cache is not None and not fresh:
             cached = self.cache.take(self._key)
             if cached is not None:
                 self._client, self._opened = cached
@@ -275,12 +277,13 @@ class Relay:
                 raise
             log.info("cached next-hop connection unusable (%s); opening a new one", exc.reason)
             self.close()
-            return await self._mail(sender, options, xforward)
+            return await self._mail(sender, options, xforward, fresh=True)
 
     async def _mail(
         self, sender: str, options: list[str], xforward: Mapping[str, str] | None,
+        *, fresh: bool = False,
     ) -> str:
-        client = await self._connect()
+        client = await self._connect(fresh=fresh)
         if xforward and client.supports_extension("xforward"):
             offered = set((client.esmtp_extensions.get("xforward") or "").upper().split())
             attrs = [

@@ -57,6 +57,26 @@ def test_421_on_a_reused_connection_is_retried_on_a_new_one(make_gateway, next_h
     assert next_hop.connections == 2
 
 
+def test_several_cached_connections_gone_bad_cost_one_retry(make_gateway, next_hop):
+    """Two idle connections, both refusing now: the retry opens a new one
+    instead of trying the other cached one."""
+    gw = make_gateway()
+    first, second = gw.smtp(), gw.smtp()
+    for s in (first, second):  # two sessions at once: two next-hop connections
+        s.ehlo("client.test")
+        assert s.mail("a@ext.test")[0] == 250
+    for s in (first, second):
+        assert s.rset()[0] == 250
+        s.quit()
+    # QUIT is answered after the session left its connection in the cache
+    assert gw.server.next_hop_cache.idle_count() == 2
+    next_hop.doom()
+    code, text = gw.send(make_message(subject="after"))
+    assert code == 250, text
+    assert _subjects(next_hop.wait_for(1)) == ["after"]
+    assert next_hop.connections == 3
+
+
 def test_421_on_a_new_connection_reaches_the_client_as_451(make_gateway, next_hop):
     gw = make_gateway(gateway={"next_hop_cache_time": 0})
     next_hop.mail_reply_once = "421 4.3.2 service shutting down"

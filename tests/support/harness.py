@@ -106,6 +106,8 @@ class NextHop:
         self.mail_reply: str | None = None
         #: the reply to the next MAIL only (then back to normal)
         self.mail_reply_once: str | None = None
+        #: connections whose next MAIL gets a 421 and a close (see doom())
+        self.doomed: set[_RecordingSMTP] = set()
         self.data_reply: str | None = None
         self.drop_on_data = False
         self.delay = 0.0
@@ -168,6 +170,11 @@ class NextHop:
         self._lt.call(go())
         self.wait_until(lambda: not self.live, "connections closed")
 
+    def doom(self) -> None:
+        """Every connection open now answers its next MAIL with 421 and
+        closes (a next hop shutting down); new connections work."""
+        self.doomed = set(self.live)
+
     def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
         """Until ``predicate()`` holds (checked on every change); raises naming ``what``."""
         with self._changed:
@@ -213,6 +220,10 @@ class _NextHopHandler:
 
     async def handle_MAIL(self, server: Any, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if server in self.nh.doomed:  # shutting down: 421 and close
+            self.nh.doomed.discard(server)
+            server.transport.close()
+            return "421 4.3.2 service shutting down"
         if self.nh.mail_reply_once:
             reply, self.nh.mail_reply_once = self.nh.mail_reply_once, None
             return reply
