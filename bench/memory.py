@@ -142,7 +142,7 @@ class Gateway:
         src = str(env.src)
         pypath = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", run.MAILWARDEN_MAIN, "serve", "--config", str(conf)],
+            [sys.executable, "-c", run.console_main(env.src), "serve", "--config", str(conf)],
             cwd=src, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("wb"), env={**os.environ, "PYTHONPATH": pypath})
         run.wait_smtp(self.port, self.proc)
