@@ -353,7 +353,7 @@ class SQLiteStore:
             # The busy timeout first: another process may be opening (and
             # switching to WAL, migrating) the same store right now.
             await db.execute("PRAGMA busy_timeout=10000")
-            await _switch_to_wal(db)
+            await switch_to_wal(db)
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA foreign_keys=ON")
@@ -1455,7 +1455,7 @@ class SQLiteStore:
         )
 
 
-async def _switch_to_wal(db: aiosqlite.Connection, patience: float = 10.0) -> None:
+async def switch_to_wal(db: aiosqlite.Connection, patience: float = 10.0) -> None:
     """``PRAGMA journal_mode=WAL``.  While another process switches the same
     new store, SQLite may answer "database is locked" at once (without the
     busy handler): try again, for up to ``patience`` seconds."""

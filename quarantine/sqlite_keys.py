@@ -26,6 +26,7 @@ import aiosqlite
 
 from quarantine import files
 from quarantine.crypto import KeyRecord
+from quarantine.sqlite import switch_to_wal
 from quarantine.store import StoreError
 
 log = logging.getLogger("mailwarden.store")
@@ -86,10 +87,12 @@ class SQLiteKeyStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the key store {path}: {exc}") from None
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
+            # The busy timeout first: another process may be opening (and
+            # switching to WAL, creating) the same key store right now.
+            await db.execute("PRAGMA busy_timeout=10000")
+            await switch_to_wal(db)
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA secure_delete=ON")
-            await db.execute("PRAGMA busy_timeout=10000")
             async with db.execute("PRAGMA user_version") as cur:
                 row = await cur.fetchone()
             if not row or row[0] == 0:
