@@ -327,10 +327,12 @@ class Mail:
         helo: str = "",
         mail_options: tuple[str, ...] = (),
         crlf_only: bool | None = None,
+        lines: int | None = None,
     ) -> None:
         """``crlf_only``: True when the caller has checked that every CR and
         LF of ``raw`` is a CRLF pair (the DATA reader has); None: check when
-        it matters."""
+        it matters.  ``lines``: the number of LF in ``raw``, when the caller
+        counted them anyway (None: counted when asked, see :attr:`lines`)."""
         self.queue_id = queue_id
         self.mail_from = mail_from
         self.rcpt_tos = tuple(rcpt_tos)
@@ -342,6 +344,7 @@ class Mail:
         self.received = received
         self.mail_options = tuple(mail_options)
         self._crlf_only = crlf_only
+        self._lines = lines
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -353,9 +356,33 @@ class Mail:
 
     @property
     def crlf_checked(self) -> bool:
-        """True when whoever made this Mail checked that ``raw`` has CRLF
-        line ends only (the DATA reader does)."""
+        """True when ``raw`` is known to have CRLF line ends only: whoever
+        made this Mail checked (the DATA reader does), or :attr:`crlf_only`
+        found it."""
         return bool(self._crlf_only)
+
+    @property
+    def crlf_only(self) -> bool:
+        """Whether every CR and LF of ``raw`` is a CRLF pair (one scan of the
+        message, at most; it also counts the lines)."""
+        if self._crlf_only is None:
+            raw = self.raw
+            pairs = raw.count(b"\r\n")
+            lines = raw.count(b"\n")
+            self._lines = lines
+            self._crlf_only = lines == pairs and raw.count(b"\r") == pairs
+        return self._crlf_only
+
+    @property
+    def lines(self) -> int:
+        """The number of LF in ``raw`` (counted once)."""
+        if self._lines is None:
+            if self._crlf_only is None:
+                self.crlf_only  # noqa: B018 - counts the lines on the way
+            else:
+                self._lines = self.raw.count(b"\n")
+        assert self._lines is not None
+        return self._lines
 
     # ------------------------------------------------------------------ headers
 
@@ -459,8 +486,7 @@ class Mail:
         apply to those: see :attr:`parsed`).  Raises :class:`ParseError` like
         :attr:`parsed`."""
         raw = self.raw
-        crlf = self._crlf_only
-        if not (mime.crlf_only(raw) if crlf is None else crlf):
+        if not self.crlf_only:
             return None
         try:
             return mime.parse_structure(

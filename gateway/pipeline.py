@@ -84,10 +84,11 @@ PARSE_ON_LOOP_LINES = 4000
 PARSE_ON_LOOP_DELIMITERS = 64
 
 
-def _few_parts(raw: bytes) -> bool:
-    """Cheap (single-byte scans) bound on the parse's cost for the loop."""
-    return (raw.count(b"\n") <= PARSE_ON_LOOP_LINES
-            and raw.count(b"\n--") <= PARSE_ON_LOOP_DELIMITERS)
+def _few_parts(mail: Mail) -> bool:
+    """Cheap (byte scans, the line count known already) bound on the
+    parse's cost for the loop."""
+    return (mail.lines <= PARSE_ON_LOOP_LINES
+            and mail.raw.count(b"\n--") <= PARSE_ON_LOOP_DELIMITERS)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class Pipeline:
             if not parse or not f.reads_mime:
                 start(i, f, None)
         if parse:
-            if mail.size <= ON_LOOP_BYTES and _few_parts(mail.raw):
+            if mail.size <= ON_LOOP_BYTES and _few_parts(mail):
                 if tasks:
                     await asyncio.sleep(0)  # the started tasks take their first step first
                 mail.prepare()

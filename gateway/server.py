@@ -220,6 +220,7 @@ class GatewaySMTP(SMTP):
                     super().__init__(handler, **kwargs)
                 tables.verified = True
         self.gateway = handler.gateway
+        self.data_lines: int | None = None  # LFs in the last DATA (set by _read_data)
         self._idle_deadline = 0.0
         self._idle_armed = False
 
@@ -511,6 +512,7 @@ class GatewaySMTP(SMTP):
         crlf = data.count(b"\r\n")
         bare = data.count(b"\n") != crlf or data.count(b"\r") != crlf
         nul = b"\0" in data
+        self.data_lines = None if bare else crlf  # for Mail.lines
         if bare or nul:
             if self.gateway.state.config.gateway.bare_newlines == "reject":
                 log.warning("%s refused DATA with %s", self.session.peer_addr,
@@ -661,6 +663,7 @@ class Handler:
             received=self.gateway.clock(),
             mail_options=tuple(envelope.mail_options),
             crlf_only=True,  # the DATA reader refused or normalised bare CR/LF
+            lines=server.data_lines,
         )
         relay = self._relay(session)
         session.xforward.clear()

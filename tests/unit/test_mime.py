@@ -376,12 +376,24 @@ def test_many_parts_are_parsed_off_the_loop() -> None:
     message with thousands of parts or lines (~0.2 s of parsing)."""
     from gateway.pipeline import _few_parts
 
-    assert _few_parts(CASES["plain multipart"])
+    assert _few_parts(mail(CASES["plain multipart"]))
     many_parts = _msg('Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
                       + "--b\r\nContent-Type: image/png\r\n\r\nx\r\n" * 500 + "--b--\r\n")
     many_lines = _msg("Content-Type: text/plain\r\n\r\n" + "x\r\n" * 5000)
-    assert len(many_parts) < 256 * 1024 and not _few_parts(many_parts)
-    assert not _few_parts(many_lines)
+    assert len(many_parts) < 256 * 1024 and not _few_parts(mail(many_parts))
+    assert not _few_parts(mail(many_lines))
+    # the line count a front end gives is the one used (the DATA reader's)
+    assert not _few_parts(Mail(queue_id="Q1", mail_from="", rcpt_tos=(), raw=CASES["plain multipart"],
+                               client_addr="", direction=Direction.INBOUND,
+                               received=datetime.now(UTC), crlf_only=True, lines=10**6))
+
+
+def test_mail_counts_lines_and_checks_crlf_in_one_scan() -> None:
+    m = mail(b"Subject: x\r\n\r\nbody\r\nmore\r\n")
+    assert (m.crlf_checked, m.lines, m.crlf_only, m.crlf_checked) == (False, 4, True, True)
+    bare = mail(b"Subject: x\r\n\r\nbody\nmore\r\n")
+    assert (bare.crlf_only, bare.lines, bare.crlf_checked) == (False, 4, False)
+    assert bare.structure is None  # the feed parser's line rules apply
 
 
 # ------------------------------------------------------------ the banner uses the model

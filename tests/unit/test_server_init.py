@@ -30,6 +30,7 @@ def _normal(handler: Handler) -> GatewaySMTP:
     obj = GatewaySMTP.__new__(GatewaySMTP)
     SMTP.__init__(obj, handler, **KWARGS)
     obj.gateway = handler.gateway  # what GatewaySMTP.__init__ adds after either path
+    obj.data_lines = None
     obj._idle_deadline = 0.0
     obj._idle_armed = False
     return obj
