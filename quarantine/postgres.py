@@ -616,17 +616,20 @@ class PostgresStore:
 
     # ---------------------------------------------------------------- bodies
 
+    async def _seal_body(self, qid: str, raw: bytes, *, key_id: str) -> bytes:
+        """A message's bytes as they are stored: with a key ring, sealed under
+        the data key ``key_id`` (a period, or the item's hold key), bound to
+        the quarantine id, as the SQLite backend seals its files."""
+        if self.keyring is None:
+            return raw
+        return await self.keyring.seal(key_id, qid.encode(), raw)
+
     async def _put_body(
-        self, conn: psycopg.AsyncConnection[Any], qid: str, path: str, raw: bytes, *,
-        key_id: str, replace: bool = False,
+        self, conn: psycopg.AsyncConnection[Any], qid: str, path: str, data: bytes, *,
+        replace: bool = False,
     ) -> None:
-        """Store a message's bytes (inside the caller's transaction): with a
-        key ring, sealed under the data key ``key_id`` (a period, or the item's
-        hold key), bound to the quarantine id, as the SQLite backend seals its
-        files; ``replace`` rewrites an existing body (a hold's re-seal)."""
-        data = raw
-        if self.keyring is not None:
-            data = await self.keyring.seal(key_id, qid.encode(), raw)
+        """Store a body as :meth:`_seal_body` made it (inside the caller's
+        transaction); ``replace`` rewrites an existing body (a hold's re-seal)."""
         if replace:
             await conn.execute("UPDATE body SET data = %s WHERE path = %s", (data, path))
         else:
@@ -688,7 +691,14 @@ class PostgresStore:
             [mail_from, *rcpt_tos, headers.get("from"), headers.get("to"), headers.get("cc")]
         )
         try:
-            async with self._tx() as conn:
+            # sealed under the key of the day it was received (its period);
+            # the sha256 column stays the plaintext's
+            data = await self._seal_body(qid, raw, key_id=crypto.period_of(received))
+        except StoreError as exc:
+            raise StoreError(f"cannot seal quarantine body: {exc}") from None
+        try:
+            # One round trip: the statements are pipelined, the commit waited for.
+            async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
                 await conn.execute("SET LOCAL synchronous_commit = on")
                 await conn.execute(
                     "INSERT INTO quarantine (id, received, queue_id, direction, client_addr,"
@@ -705,16 +715,10 @@ class PostgresStore:
                 if addrs:
                     await conn.execute(
                         "INSERT INTO quarantine_address (id, address)"
-                        " SELECT %s, unnest(%s::text[])",
-                        (qid, sorted(addrs)),
+                        " SELECT %s, json_array_elements_text(%s::json)",
+                        (qid, json.dumps(sorted(addrs))),
                     )
-                try:
-                    # sealed under the key of the day it was received (its
-                    # period); the sha256 column stays the plaintext's
-                    await self._put_body(conn, qid, path, raw,
-                                         key_id=crypto.period_of(received))
-                except StoreError as exc:
-                    raise StoreError(f"cannot seal quarantine body: {exc}") from None
+                await self._put_body(conn, qid, path, data)
         except psycopg.Error as exc:
             raise StoreError(
                 f"cannot record quarantine item in postgresql {self.where}: "
@@ -819,9 +823,9 @@ class PostgresStore:
         plain = await self._get_body(item)
         if plain is None:
             return False
+        data = await self._seal_body(qid, plain, key_id=crypto.hold_key_id(qid))
         async with self._tx() as conn:
-            await self._put_body(conn, qid, item["path"], plain,
-                                 key_id=crypto.hold_key_id(qid), replace=True)
+            await self._put_body(conn, qid, item["path"], data, replace=True)
         return True
 
     async def _destroy_hold_keys(self, ids: Sequence[str]) -> None:
@@ -1251,8 +1255,11 @@ class PostgresStore:
     async def _insert_log(self, pairs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         async with self._tx() as conn:
             seq, prev = await self._lock_head(conn, "log")
-            cur = await conn.execute("SELECT uid FROM log WHERE uid = ANY(%s)",
-                                     ([u for u, _ in pairs],))
+            # Arrays go as one JSON text (json.dumps is C; psycopg's list
+            # dumper adapts element by element: 6 % of a held message's CPU).
+            cur = await conn.execute(
+                "SELECT uid FROM log WHERE uid IN (SELECT json_array_elements_text(%s::json))",
+                (json.dumps([u for u, _ in pairs]),))
             done = {r[0] for r in await cur.fetchall()}
             cols: list[list[Any]] = [[] for _ in range(8)]
             addresses: dict[int, list[str]] = {}
@@ -1275,18 +1282,18 @@ class PostgresStore:
                 return
             cur = await conn.execute(
                 "INSERT INTO log (instance, seq, uid, time, queue_id, direction, record,"
-                " record_hash, hash) SELECT %s, * FROM unnest(%s::bigint[], %s::text[],"
-                " %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " record_hash, hash) SELECT %s, (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4,"
+                " r->>5, r->>6, r->>7 FROM json_array_elements(%s::json) AS r"
                 " ON CONFLICT (uid) DO NOTHING RETURNING id, seq",
-                (self.instance, *cols[:8]),
+                (self.instance, json.dumps(list(zip(*cols, strict=True)))),
             )
             ids = {int(s): int(i) for i, s in await cur.fetchall()}
             index = [(ids[s], a) for s, addrs in addresses.items() for a in addrs if s in ids]
             if index:
                 await conn.execute(
                     "INSERT INTO log_address (id, address)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::text[])",
-                    ([i for i, _ in index], [a for _, a in index]),
+                    " SELECT (r->>0)::bigint, r->>1 FROM json_array_elements(%s::json) AS r",
+                    (json.dumps(index),),
                 )
             await self._set_head(conn, "log", seq, prev)
         if time.monotonic() - self._anchor_at >= self.anchor_interval:
