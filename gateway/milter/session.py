@@ -48,7 +48,7 @@ REQUIRED_ACTIONS = c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_CHGBODY
 #: Protocol steps mailwarden skips or does not answer, where the MTA allows.
 WANTED_PROTOCOL = (c.SMFIP_NODATA | c.SMFIP_NOEOH | c.SMFIP_NOUNKNOWN
                    | c.SMFIP_NR_CONN | c.SMFIP_NR_HELO | c.SMFIP_NR_MAIL | c.SMFIP_NR_RCPT
-                   | c.SMFIP_NR_DATA | c.SMFIP_NR_EOH | c.SMFIP_NR_UNKN | c.SMFIP_NR_HDR
+                   | c.SMFIP_NR_DATA | c.SMFIP_NR_EOH | c.SMFIP_NR_UNKN | c.SMFIP_NR_HDR | c.SMFIP_NR_BODY
                    | c.SMFIP_HDR_LEADSPC)
 #: The macros mailwarden uses, per stage (SETSYMLIST).
 SYMLISTS: tuple[tuple[int, str], ...] = (
