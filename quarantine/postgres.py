@@ -61,7 +61,10 @@ from psycopg_pool import AsyncConnectionPool
 from quarantine import crypto, files
 from quarantine.store import (
     COLUMNS,
+    EXPORT_COLUMNS,
     GENESIS,
+    REQUEST_COLUMNS,
+    REQUEST_SELECT,
     Chain,
     LogFilter,
     NotFound,
@@ -223,14 +226,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-#: Columns of ``access_request`` and ``export`` (= the SQLite backend's and
-#: :data:`quarantine.grants.REQUEST_KEYS` / ``EXPORT_KEYS``).
-REQUEST_COLUMNS = (
-    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
-    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
-)
-EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
-                  "hmac_key")
 
 #: the item columns, then the instance that held it (a PostgreSQL-only key)
 _SELECT = "SELECT " + ", ".join(COLUMNS) + ", instance FROM quarantine"
@@ -900,9 +895,7 @@ class PostgresStore:
 
     async def get_access_request(self, rid: str) -> dict[str, Any] | None:
         row = await self._one(
-            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
-            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
-            " WHERE id = %s",
+            REQUEST_SELECT + " WHERE id = %s",
             (rid,),
         )
         return None if row is None else dict(zip(REQUEST_COLUMNS, row, strict=True))
@@ -927,9 +920,7 @@ class PostgresStore:
         if state is not None:
             where.append("state = %s")
             args.append(state)
-        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
-               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
-               " FROM access_request")
+        sql = REQUEST_SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = await self._all(sql + " ORDER BY created, id", args)

@@ -40,8 +40,11 @@ from quarantine import crypto, files
 from quarantine.store import (
     COLUMNS,
     DB_NAME,
+    EXPORT_COLUMNS,
     GENESIS,
     MESSAGES_DIR,
+    REQUEST_COLUMNS,
+    REQUEST_SELECT,
     Chain,
     LogFilter,
     NotFound,
@@ -165,13 +168,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-#: Columns of ``access_request`` in the order :func:`request_row` reads them.
-REQUEST_COLUMNS = (
-    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
-    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
-)
-EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
-                  "hmac_key")
 
 
 
@@ -1004,9 +1000,7 @@ class SQLiteStore:
 
     async def get_access_request(self, rid: str) -> dict[str, Any] | None:
         async with self.db.execute(
-            "SELECT id, created, requester, requester_uid, scope_kind, scope, ground, case_ref,"
-            " reason, state, decided, decided_by, decided_uid, expires FROM access_request"
-            " WHERE id = ?",
+            REQUEST_SELECT + " WHERE id = ?",
             (rid,),
         ) as cur:
             row = await cur.fetchone()
@@ -1033,9 +1027,7 @@ class SQLiteStore:
         if state is not None:
             where.append("state = ?")
             args.append(state)
-        sql = ("SELECT id, created, requester, requester_uid, scope_kind, scope, ground,"
-               " case_ref, reason, state, decided, decided_by, decided_uid, expires"
-               " FROM access_request")
+        sql = REQUEST_SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created, id"

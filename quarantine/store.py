@@ -73,6 +73,17 @@ COLUMNS = (
     "reason", "detail", "personal", "hold", "state", "path", "sha256", "verdicts", "updated",
     "hold_case", "hold_until",
 )
+#: Columns of ``access_request`` and ``export``, both backends (=
+#: :data:`quarantine.grants.REQUEST_KEYS` / ``EXPORT_KEYS``).
+REQUEST_COLUMNS = (
+    "id", "created", "requester", "requester_uid", "scope_kind", "scope", "ground",
+    "case_ref", "reason", "state", "decided", "decided_by", "decided_uid", "expires",
+)
+EXPORT_COLUMNS = ("id", "time", "user", "uid", "ground", "case_ref", "filters", "identified",
+                  "hmac_key")
+#: An access request's row, every column in :data:`REQUEST_COLUMNS` order (no
+#: placeholders: the same text in both SQL dialects).
+REQUEST_SELECT = "SELECT " + ", ".join(REQUEST_COLUMNS) + " FROM access_request"
 
 
 class Row(NamedTuple):
