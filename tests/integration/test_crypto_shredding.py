@@ -62,8 +62,18 @@ def try_open(keys_root: Path, kek_file: Path, blobs: dict[str, bytes]) -> dict[s
     """Open each blob with the KEK and the key store under ``keys_root``:
     qid -> plaintext, or the exception that stopped it."""
 
+    async def ring() -> KeyRing:
+        return KeyRing(load_kek(kek_file), await SQLiteKeyStore.open(keys_root, create=False))
+
+    return _open_each(ring, blobs)
+
+
+def _open_each(make_ring: Any, blobs: dict[str, bytes]) -> dict[str, Any]:
+    """qid -> plaintext, or the CryptoError that stopped it, with the key ring
+    ``await make_ring()`` gives."""
+
     async def go() -> dict[str, Any]:
-        ring = KeyRing(load_kek(kek_file), await SQLiteKeyStore.open(keys_root, create=False))
+        ring = await make_ring()
         out: dict[str, Any] = {}
         try:
             for qid, blob in blobs.items():
@@ -244,22 +254,13 @@ def pg_dump_bodies(server: PgServer, dsn: str, out: Path) -> dict[str, bytes]:
 def try_open_pg(dsn: str, kek_file: Path, blobs: dict[str, bytes]) -> dict[str, Any]:
     """Each blob opened with the KEK and the key database as it is now."""
 
-    async def go() -> dict[str, Any]:
-        ring = await crypto.open_keyring(str(kek_file), Path("/nonexistent"), create=False,
-                                         dsn=dsn)
-        assert ring is not None
-        out: dict[str, Any] = {}
-        try:
-            for qid, blob in blobs.items():
-                try:
-                    out[qid] = await ring.open(blob, qid.encode())
-                except crypto.CryptoError as exc:
-                    out[qid] = exc
-        finally:
-            await ring.close()
-        return out
+    async def ring() -> Any:
+        opened = await crypto.open_keyring(str(kek_file), Path("/nonexistent"), create=False,
+                                           dsn=dsn)
+        assert opened is not None
+        return opened
 
-    return asyncio.run(go())
+    return _open_each(ring, blobs)
 
 
 def test_postgresql_dumps_are_unreadable_after_the_purge_but_held_items_survive(
