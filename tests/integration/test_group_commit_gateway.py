@@ -6,15 +6,14 @@ durable every session of it gets 451 and nothing is half kept."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from quarantine import files
 from tests.support.eicar import eicar
 from tests.support.harness import make_message
+from tests.support.served import quarantine_rows
 
 HELD = re.compile(r"held for review \(([0-9A-Za-z-]+)\)")
 SESSIONS = 24
@@ -23,15 +22,6 @@ SESSIONS = 24
 def _virus(n: int) -> bytes:
     return make_message(subject=f"invoice {n}",
                         attachments=[("invoice.com", "application/octet-stream", eicar())])
-
-
-def _rows(store: Path) -> list[sqlite3.Row]:
-    db = sqlite3.connect(store / "mailwarden.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM quarantine").fetchall()
-    finally:
-        db.close()
 
 
 def _send_all(gw) -> list[tuple[int, str]]:
@@ -45,7 +35,7 @@ def test_concurrent_held_messages_all_kept(make_gateway, next_hop, clamd) -> Non
     assert all(code == 250 for code, _ in replies), replies
     ids = [HELD.search(text).group(1) for _, text in replies]
     assert len(set(ids)) == SESSIONS
-    rows = _rows(gw.store_path)
+    rows = quarantine_rows(gw.store_path)
     assert {r["id"] for r in rows} == set(ids)
     assert {r["subject"] for r in rows} == {f"invoice {n}" for n in range(SESSIONS)}
     for r in rows:
@@ -68,7 +58,7 @@ def test_a_batch_that_cannot_be_made_durable_gets_451_everywhere(
     assert not list((gw.store_path / "messages").rglob("*.eml"))
     replies = _send_all(gw)
     assert all(code == 451 and "4.3.0" in text for code, text in replies), replies
-    assert _rows(gw.store_path) == []
+    assert quarantine_rows(gw.store_path) == []
     assert not list((gw.store_path / "messages").rglob("*.eml"))
     monkeypatch.undo()
     code, text = gw.send(_virus(99))

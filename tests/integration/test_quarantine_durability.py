@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import smtplib
-import sqlite3
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from tests.support.eicar import eicar
 from tests.support.harness import make_message
 from tests.support.process import GatewayProcess, write_config
+from tests.support.served import quarantine_rows
 
 HELD = re.compile(r"held for review \(([0-9A-Za-z-]+)\)")
 
@@ -30,22 +30,13 @@ def _virus_message(subject: str = "invoice") -> bytes:
                                                        eicar())])
 
 
-def _rows(store: Path) -> list[sqlite3.Row]:
-    db = sqlite3.connect(store / "mailwarden.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM quarantine").fetchall()
-    finally:
-        db.close()
-
-
 def test_held_message_is_in_store_with_owner_only_modes(make_gateway, next_hop, clamd):
     gw = make_gateway(chain=["clamav"], filters={"clamav": {"address": clamd.socket}})
     code, text = gw.send(_virus_message())
     assert code == 250 and "2.7.0" in text, text
     qid = HELD.search(text).group(1)
     assert next_hop.messages == []
-    (row,) = _rows(gw.store_path)
+    (row,) = quarantine_rows(gw.store_path)
     assert row["id"] == qid and row["reason"] == "clamav" and "Eicar" in row["detail"]
     path = gw.store_path / row["path"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -74,7 +65,7 @@ def test_sigkill_right_after_250_keeps_the_held_message(tmp_path, next_hop, clam
         p.stop()
     p2 = GatewayProcess(cfg, port, tmp_path / "serve2.log").start()
     try:
-        rows = _rows(store)
+        rows = quarantine_rows(store)
         assert [r["id"] for r in rows] == [qid]
         assert (store / rows[0]["path"]).read_bytes().count(b"invoice.com") >= 1
     finally:
@@ -108,7 +99,7 @@ def test_full_disk_gives_451_not_250(make_gateway, next_hop, clamd, tmp_path):
         code, text = gw.send(big)
         assert code == 451 and "4.3.0" in text, text
         assert next_hop.messages == []
-        assert _rows(tiny / "store") == []
+        assert quarantine_rows(tiny / "store") == []
         # Nothing half-kept: no stray message files.
         assert not [p for p in (tiny / "store").rglob("*.eml")]
         gw.stop()  # before the tmpfs goes
@@ -144,4 +135,4 @@ def test_read_only_store_gives_451(make_gateway, next_hop, clamd, tmp_path):
     code, text = gw.send(_virus_message("after"))
     assert code == 250 and "held" in text
     assert len(next_hop.messages) == 2
-    assert len(_rows(gw.store_path)) == 1
+    assert len(quarantine_rows(gw.store_path)) == 1
