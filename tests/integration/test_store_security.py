@@ -224,12 +224,14 @@ REVIEWED = {
                              "'SELECT received FROM quarantine' + (' WHERE ' + "
                              "' AND '.join(rng) if rng else '')",
                              "' WHERE ' + ' AND '.join(rng) if rng else ''",
-                             "number + 1"},
+                             "number + 1", "REQUEST_SELECT"},
     # the PostgreSQL backend: column lists, its own WHERE clauses built from
     # literals (values are %s parameters), table names from a fixed mapping
     "quarantine/postgres.py": {"_log_from(query)", "where", "table", "sql", "_SELECT",
                                "', '.join(COLUMNS)", "' AND '.join(where)",
-                               "_AUDIT_COLUMNS", "_LOG_COLUMNS"},
+                               "_AUDIT_COLUMNS", "_LOG_COLUMNS", "REQUEST_SELECT"},
+    # the column list both backends select access requests with (literals)
+    "quarantine/store.py": {"', '.join(REQUEST_COLUMNS)"},
 }
 
 
